@@ -1,0 +1,4 @@
+"""Few-shot datasets, transforms and the episode sampler."""
+from fewshot.data.episode import Episode
+
+__all__ = ["Episode"]

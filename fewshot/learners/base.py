@@ -1,0 +1,67 @@
+"""The one interface every few-shot learner implements, and the registry of learners by name."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fewshot.data.episode import Episode
+
+_LEARNERS: dict[str, type["Learner"]] = {}
+
+
+class Learner(nn.Module):
+    """A few-shot learner wrapping a feature backbone.
+
+    Subclasses implement ``loss`` (training on one episode) and ``predict`` (query logits at test).
+    ``batch_loss`` is what the episodic training loop calls on a meta-batch; by default it sums the
+    per-episode losses, and learners that can batch tasks override it.
+    """
+
+    name: str = ""
+
+    def __init__(self, backbone: nn.Module, ways: int) -> None:
+        super().__init__()
+        if ways < 2:
+            raise ValueError(f"ways must be >= 2, got {ways}")
+        self.backbone = backbone
+        self.ways = ways
+
+    def loss(self, episode: Episode) -> tuple[Tensor, Tensor]:
+        """Query loss (differentiable w.r.t. the learner's parameters) and query logits."""
+        raise NotImplementedError
+
+    def predict(self, episode: Episode) -> Tensor:
+        """Query logits, shape (ways*queries, ways)."""
+        raise NotImplementedError
+
+    def batch_loss(self, episodes: Sequence[Episode]) -> tuple[Tensor, list[Tensor]]:
+        """Summed query loss over a meta-batch and each episode's query logits."""
+        losses, logits = zip(*(self.loss(e) for e in episodes))
+        return torch.stack(list(losses)).sum(), list(logits)
+
+
+def register_learner(name: str) -> Callable[[type[Learner]], type[Learner]]:
+    """Class decorator adding a learner to the registry under ``name``."""
+
+    def add(cls: type[Learner]) -> type[Learner]:
+        if name in _LEARNERS:
+            raise ValueError(f"learner {name!r} is registered twice")
+        cls.name = name
+        _LEARNERS[name] = cls
+        return cls
+
+    return add
+
+
+def list_learners() -> list[str]:
+    """Names of the registered learners, sorted."""
+    return sorted(_LEARNERS)
+
+
+def create_learner(name: str, backbone: nn.Module, ways: int, **options) -> Learner:
+    """Build the learner registered as ``name`` around ``backbone``."""
+    if name not in _LEARNERS:
+        raise ValueError(f"unknown learner {name!r}; choose one of: {', '.join(list_learners())}")
+    return _LEARNERS[name](backbone, ways, **options)
