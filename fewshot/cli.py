@@ -1,0 +1,277 @@
+"""The one command line of the few-shot runs: ``run_maml.py`` and ``run_fewshot.py`` both use it.
+
+Parse (flags + ``--config FILE.yaml``), check everything that can be checked before anything is written,
+build data, backbone and learner, meta-train (unless ``--eval-only``), evaluate on seeded test episodes
+and write ``result.json`` next to the saved config and checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from fewshot.acdc import SCOPES
+from fewshot.config import cli_main, parse_args_with_config, save_config
+from fewshot.evaluation import evaluate, result_record, write_json_atomic
+
+FEWSHOT_BACKBONES = ("conv4", "resnet10", "resnet18", "resnet34")
+ACDC_CHOICES = ("none", *SCOPES)
+DATASETS = ("miniimagenet", "glyphs")
+# Options that only some methods take: a user giving one to another method gets an error.
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "maml": ("inner_steps", "inner_lr", "test_inner_steps", "test_inner_lr", "first_order", "adapt",
+             "learn_inner_lr", "bn_mode"),
+}
+METHOD_DEFAULTS: dict[str, Any] = {
+    "inner_steps": 5, "inner_lr": 0.01, "first_order": False, "adapt": "all",
+    "learn_inner_lr": False, "bn_mode": "transductive",
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad flags are reported in one ``error: ...`` line with exit code 2, like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser(method: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``method`` fixed (``run_maml.py``) there is no ``--method`` flag."""
+    prog = "run_maml.py" if method == "maml" else "run_fewshot.py"
+    p = _OneLineParser(prog=prog, description=__doc__.splitlines()[0])
+    if method is None:
+        from fewshot.learners import list_learners
+
+        p.add_argument("--method", required=True, choices=list_learners())
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default="miniimagenet")
+    data.add_argument("--data-root", default=None, help="miniImageNet folder (see data/miniimagenet/README.md)")
+    data.add_argument("--image-size", type=int, default=None, help="default: 84 miniimagenet, 28 glyphs")
+    data.add_argument("--workers", type=int, default=0, help="DataLoader workers producing episodes")
+    model = p.add_argument_group("backbone")
+    model.add_argument("--backbone", choices=FEWSHOT_BACKBONES, default="resnet10")
+    model.add_argument("--stem", choices=("imagenet", "small"), default=None,
+                       help="ResNet stem: imagenet (7x7/2 + max-pool, Chen et al.) or small (3x3/1)")
+    model.add_argument("--acdc", choices=ACDC_CHOICES, default="none")
+    model.add_argument("--atoms", type=int, default=8)
+    model.add_argument("--group-size", type=int, default=None)
+    model.add_argument("--atom-drop", type=float, default=0.1)
+    episodes = p.add_argument_group("episodes")
+    episodes.add_argument("--ways", type=int, default=5)
+    episodes.add_argument("--shots", type=int, default=1)
+    episodes.add_argument("--queries", type=int, default=16, help="query images per class in training")
+    episodes.add_argument("--test-queries", type=int, default=15)
+    train = p.add_argument_group("training")
+    train.add_argument("--train-episodes", type=int, default=60000, help="episodes in all (meta-batch × meta-steps)")
+    train.add_argument("--meta-batch", type=int, default=4)
+    train.add_argument("--lr", type=float, default=1e-3, help="outer (Adam) learning rate")
+    train.add_argument("--val-every", type=int, default=500, help="meta-steps between validations")
+    train.add_argument("--val-episodes", type=int, default=100)
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    maml = p.add_argument_group("MAML")
+    maml.add_argument("--inner-steps", type=int, default=None, help="inner SGD steps in training (5)")
+    maml.add_argument("--inner-lr", type=float, default=None, help="inner step size in training (0.01)")
+    maml.add_argument("--test-inner-steps", type=int, default=None, help="default: --inner-steps")
+    maml.add_argument("--test-inner-lr", type=float, default=None, help="default: --inner-lr")
+    maml.add_argument("--first-order", action="store_true", default=None)
+    maml.add_argument("--adapt", default=None,
+                      help="all (default), atoms, coefficients, head, or a regular expression on names")
+    maml.add_argument("--learn-inner-lr", action="store_true", default=None,
+                      help="learn a step size per tensor and step (Meta-SGD / MAML++)")
+    maml.add_argument("--bn-mode", choices=("transductive", "support"), default=None)
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--test-episodes", type=int, default=3000)
+    ev.add_argument("--test-seed", type=int, default=0, help="seed of the test episodes (same for every run)")
+    ev.add_argument("--eval-only", action="store_true")
+    ev.add_argument("--checkpoint", default=None, help="with --eval-only: the checkpoint to evaluate")
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", default=None, help="output folder (default: runs/<settings>)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+def _check_positive(args: argparse.Namespace, names: Sequence[str], minimum: int = 1) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Check the options against each other and fill the method-dependent defaults."""
+    if args.ways < 2:
+        raise ValueError(f"--ways must be >= 2, got {args.ways}")
+    _check_positive(args, ("shots", "queries", "test_queries", "train_episodes", "meta_batch",
+                           "val_episodes", "test_episodes", "atoms", "image_size"))
+    _check_positive(args, ("inner_steps", "test_inner_steps", "val_every", "workers"), minimum=0)
+    if not 0.0 <= args.atom_drop < 1.0:
+        raise ValueError(f"--atom-drop must be in [0, 1), got {args.atom_drop}")
+    grouped = args.acdc.startswith("g-")
+    if grouped and args.group_size is None:
+        raise ValueError(f"--acdc {args.acdc} needs --group-size (channels per group, e.g. 16)")
+    if not grouped and args.group_size is not None:
+        raise ValueError(f"--group-size applies only to the grouped scopes g-net, g-block, g-layer, not --acdc {args.acdc}")
+    for method, options in METHOD_OPTIONS.items():
+        if args.method == method:
+            continue
+        for name in options:
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} does not apply to --method {args.method} (only to {method})")
+    if args.method in METHOD_OPTIONS:
+        for name in METHOD_OPTIONS[args.method]:
+            if getattr(args, name) is None and name in METHOD_DEFAULTS:
+                setattr(args, name, METHOD_DEFAULTS[name])
+        if args.method == "maml":
+            args.test_inner_steps = args.inner_steps if args.test_inner_steps is None else args.test_inner_steps
+            args.test_inner_lr = args.inner_lr if args.test_inner_lr is None else args.test_inner_lr
+    if args.eval_only and args.checkpoint is None:
+        raise ValueError("--eval-only needs --checkpoint PATH (a best.pt or last.pt of an earlier run)")
+    if args.checkpoint is not None and not args.eval_only:
+        raise ValueError("--checkpoint is read only with --eval-only; to continue training use --resume --out DIR")
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out DIR, the folder of the run to continue")
+    if args.image_size is None:
+        args.image_size = 28 if args.dataset == "glyphs" else 84
+    if args.stem is not None and not args.backbone.startswith("resnet"):
+        raise ValueError(f"--stem applies to the ResNet backbones, not --backbone {args.backbone}")
+    args.device = _device(args.device)
+    if args.out is None:
+        acdc = args.acdc if args.acdc == "none" else f"acdc-{args.acdc}-m{args.atoms}"
+        args.out = str(Path("runs") / f"{args.dataset}_{args.method}_{args.backbone}_{acdc}_{args.ways}w{args.shots}s")
+    return args
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    return name
+
+
+# ------------------------------------------------------------------------------------------------
+def model_spec(args: argparse.Namespace, in_channels: int):
+    """The architecture of the run's backbone, stored in and checked against checkpoints."""
+    from fewshot.training.checkpoint import ModelSpec
+
+    kwargs: dict[str, Any] = {"in_channels": in_channels}
+    if args.backbone.startswith("resnet"):
+        kwargs["stem"] = args.stem or "imagenet"
+    if args.backbone == "conv4":
+        kwargs["image_size"] = args.image_size
+    return ModelSpec(
+        backbone=args.backbone, acdc=None if args.acdc == "none" else args.acdc, atoms=args.atoms,
+        group_size=args.group_size, kwargs=kwargs,
+    )
+
+
+def learner_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The method-specific options of ``create_learner``."""
+    return {name: getattr(args, name) for name in METHOD_OPTIONS.get(args.method, ())}
+
+
+def build_learner(args: argparse.Namespace, in_channels: int):
+    """Backbone (dense or ACDC) wrapped in the chosen learner, on the run's device."""
+    from fewshot.backbones import create_backbone
+    from fewshot.learners import create_learner
+
+    spec = model_spec(args, in_channels)
+    backbone = create_backbone(
+        args.backbone, acdc=spec.acdc, atoms=args.atoms, group_size=args.group_size,
+        atom_drop=args.atom_drop, **spec.kwargs,
+    )
+    return create_learner(args.method, backbone, args.ways, **learner_options(args)).to(args.device), spec
+
+
+def episode_source(args: argparse.Namespace, split: str, episodes: int, seed: int, train: bool):
+    """Seeded episodes of one split (the same seed gives the same episodes for every learner)."""
+    from fewshot.data import EpisodeSampler, build_transform, create_dataset
+
+    try:
+        dataset = create_dataset(args.dataset, split, root=args.data_root, image_size=args.image_size)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}. To try the toolkit without any download, use --dataset glyphs") from None
+    transform = build_transform(args.dataset, args.image_size, train=train)
+    queries = args.queries if train else args.test_queries
+    return EpisodeSampler(dataset, args.ways, args.shots, queries, episodes, seed, transform=transform)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (unless --eval-only) and evaluate; returns the JSON result that is also written."""
+    from fewshot.training.checkpoint import check_model_spec, load_checkpoint, load_model_state
+    from fewshot.training.episodic import BEST, LAST, EpisodicSchedule, train_episodic
+
+    args = resolve(args)
+    started = time.perf_counter()
+    out = Path(args.out)
+    # Everything that can fail on the user's input is checked before anything is written.
+    test_episodes = episode_source(args, "test", args.test_episodes, args.test_seed, train=False)
+    if not args.eval_only:
+        train_episodes = episode_source(args, "train", args.train_episodes, args.seed, train=True)
+        val_episodes = episode_source(args, "val", args.val_episodes, args.test_seed + 1, train=False)
+        schedule = EpisodicSchedule(
+            meta_steps=max(1, args.train_episodes // args.meta_batch), meta_batch=args.meta_batch,
+            lr=args.lr, val_every=args.val_every, num_workers=args.workers,
+        )
+    torch.manual_seed(args.seed)
+    learner, spec = build_learner(args, test_episodes.dataset.channels)
+    if args.eval_only:
+        state = load_checkpoint(args.checkpoint, map_location=args.device)
+        check_model_spec(state.get("meta"), spec, args.checkpoint)
+        load_model_state(learner, state["model"], source=args.checkpoint)
+    elif args.resume and not (out / LAST).is_file():
+        raise FileNotFoundError(f"--resume: {out / LAST} does not exist; start without --resume")
+    elif not args.resume and (out / LAST).exists():
+        raise ValueError(f"--out {out} already holds a run (last.pt); pass --resume to continue it "
+                         f"or choose another --out")
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(args, out / ("eval_config.yaml" if args.eval_only else "config.yaml"))
+    summary: dict[str, Any] = {}
+    if not args.eval_only:
+        summary = train_episodic(
+            learner, train_episodes, val_episodes, schedule, out, spec=spec, config=vars(args),
+            device=args.device, resume=args.resume, progress=not args.no_progress,
+        )
+        load_model_state(learner, load_checkpoint(out / BEST, map_location=args.device)["model"])
+    learner.eval()
+    result = evaluate(learner, test_episodes, device=args.device, progress=not args.no_progress,
+                      total=args.test_episodes)
+    record = result_record(
+        result, dataset=args.dataset, method=args.method, backbone=args.backbone, acdc=args.acdc,
+        atoms=args.atoms if args.acdc != "none" else None, group_size=args.group_size,
+        ways=args.ways, shots=args.shots, queries=args.test_queries, image_size=args.image_size,
+        parameters=sum(p.numel() for p in learner.backbone.parameters()),
+        seconds=round(time.perf_counter() - started, 1), device=args.device, seed=args.seed,
+        test_seed=args.test_seed, checkpoint=args.checkpoint, **summary,
+    )
+    write_json_atomic(out / "result.json", record)
+    print(f"{args.method} {args.backbone} acdc={args.acdc} {args.dataset} {args.ways}-way {args.shots}-shot: "
+          f"{result.mean:.2f}% ± {result.ci95:.2f}% over {result.episodes} test episodes "
+          f"({record['seconds']:.0f} s; {out / 'result.json'})")
+    return record
+
+
+def main(argv: Sequence[str] | None = None, method: str | None = None) -> dict[str, Any]:
+    """Entry point of run_maml.py (``method="maml"``) and run_fewshot.py (``--method``)."""
+
+    @cli_main
+    def _main() -> dict[str, Any]:
+        args = parse_args_with_config(build_parser(method), argv)
+        if method is not None:
+            args.method = method
+        return run(args)
+
+    return _main()

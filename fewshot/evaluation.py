@@ -1,0 +1,102 @@
+"""The one place that turns test episodes into mean accuracy ± 95% confidence interval."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from tqdm import tqdm
+
+from fewshot.data.episode import Episode
+from fewshot.learners.base import Learner
+
+
+@dataclass
+class EvaluationResult:
+    """Per-episode query accuracies (in %) and their summary."""
+
+    accuracies: list[float] = field(repr=False)
+
+    @property
+    def episodes(self) -> int:
+        return len(self.accuracies)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.accuracies) / len(self.accuracies)
+
+    @property
+    def ci95(self) -> float:
+        """1.96·std/√N with the population standard deviation, as Chen et al. report it."""
+        n = len(self.accuracies)
+        mean = self.mean
+        std = math.sqrt(sum((a - mean) ** 2 for a in self.accuracies) / n)
+        return 1.96 * std / math.sqrt(n)
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f}% ± {self.ci95:.2f}% over {self.episodes} episodes"
+
+
+def episode_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Query accuracy of one episode, in %."""
+    return 100.0 * (logits.argmax(dim=1) == labels).double().mean().item()
+
+
+def evaluate(
+    learner: Learner,
+    episodes: Iterable[Episode],
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    total: int | None = None,
+) -> EvaluationResult:
+    """Accuracy of ``learner.predict`` on every episode (the learner is left in training mode as found).
+
+    The learner stays in train mode while predicting when it was in train mode, since Chen et al. use
+    BatchNorm transductively at test time; ``predict`` itself decides what needs gradients.
+    """
+    accuracies: list[float] = []
+    bar = tqdm(episodes, total=total, desc="evaluate", disable=not progress, leave=False)
+    for episode in bar:
+        episode = episode.to(device)
+        logits = learner.predict(episode)
+        accuracies.append(episode_accuracy(logits, episode.query_labels))
+        if len(accuracies) % 50 == 0:
+            running = EvaluationResult(accuracies)
+            bar.set_postfix(acc=f"{running.mean:.2f}±{running.ci95:.2f}")
+    if not accuracies:
+        raise ValueError("no episodes to evaluate: the episode source was empty")
+    return EvaluationResult(accuracies)
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON through a temporary file, so no half-written file remains."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def result_record(result: EvaluationResult, **metadata: Any) -> dict[str, Any]:
+    """The stable JSON record of a test run: ``metadata`` (dataset, backbone, acdc, atoms, ways, shots,
+    parameters, seconds, ...) plus ``episodes``, ``accuracy_mean``, ``accuracy_ci95`` and the
+    per-episode accuracies."""
+    return {
+        **metadata,
+        "episodes": result.episodes,
+        "accuracy_mean": round(result.mean, 4),
+        "accuracy_ci95": round(result.ci95, 4),
+        "episode_accuracies": [round(a, 4) for a in result.accuracies],
+    }

@@ -1,0 +1,167 @@
+"""The episodic (meta-)training loop: meta-batches of episodes, seeded validation, best and last
+checkpoints, exact resume, a tqdm bar and a JSONL log."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from fewshot.data.episode import Episode
+from fewshot.evaluation import episode_accuracy, evaluate
+from fewshot.learners.base import Learner
+from fewshot.training.checkpoint import (
+    ModelSpec,
+    capture_rng_state,
+    check_model_spec,
+    load_checkpoint,
+    load_model_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+LAST = "last.pt"
+BEST = "best.pt"
+LOG = "log.jsonl"
+
+
+@dataclass
+class EpisodicSchedule:
+    """How long and how to meta-train.
+
+    ``meta_steps`` meta-updates of ``meta_batch`` episodes each (Adam, ``lr``); validation on the fixed
+    validation episodes every ``val_every`` meta-steps and after the last one; ``num_workers``
+    DataLoader workers produce the training episodes.
+    """
+
+    meta_steps: int
+    meta_batch: int = 4
+    lr: float = 1e-3
+    val_every: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("meta_steps", "meta_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.val_every < 0:
+            raise ValueError(f"val_every must be >= 0 (0: validate only at the end), got {self.val_every}")
+
+
+class _MetaBatches(torch.utils.data.Dataset):
+    """Meta-batch ``i`` = training episodes ``i*meta_batch .. (i+1)*meta_batch - 1``: any step can be
+    produced on its own, in any worker, which makes resuming exact."""
+
+    def __init__(self, episodes: Sequence[Episode], meta_batch: int, start: int, stop: int) -> None:
+        needed = stop * meta_batch
+        if len(episodes) < needed:
+            raise ValueError(
+                f"the training episode source has {len(episodes)} episodes; {stop} meta-steps of "
+                f"{meta_batch} need {needed}"
+            )
+        self.episodes, self.meta_batch, self.start, self.stop = episodes, meta_batch, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> list[Episode]:
+        first = (self.start + i) * self.meta_batch
+        return [self.episodes[first + k] for k in range(self.meta_batch)]
+
+
+def _as_list(batch: list[Episode]) -> list[Episode]:
+    return batch
+
+
+def _keep_log_until(path: Path, step: int) -> None:
+    """Drop log records written after ``step`` (they belong to a run that did not reach a checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train_episodic(
+    learner: Learner,
+    train_episodes: Sequence[Episode],
+    val_episodes: Sequence[Episode],
+    schedule: EpisodicSchedule,
+    out_dir: str | Path,
+    *,
+    spec: ModelSpec,
+    config: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Meta-train ``learner`` (already on ``device``); returns a summary with the best validation accuracy.
+
+    Writes ``last.pt`` (at every validation: resume point) and ``best.pt`` (best validation accuracy)
+    and ``log.jsonl`` under ``out_dir``. With ``resume=True`` training continues from ``last.pt`` and
+    ends with the same parameters as an uninterrupted run.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=schedule.lr)
+    start, best_acc, best_step = 0, float("-inf"), -1
+    if resume:
+        state = load_checkpoint(out / LAST, map_location=device)
+        check_model_spec(state.get("meta"), spec, out / LAST)
+        load_model_state(learner, state["model"], source=str(out / LAST))
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["progress"]["step"]
+        best_acc, best_step = state["progress"]["best_val_acc"], state["progress"]["best_step"]
+        _keep_log_until(out / LOG, start)
+        restore_rng_state(state["rng"][0])
+    elif (out / LOG).exists():
+        (out / LOG).unlink()
+
+    def checkpoint(path: Path, step: int) -> None:
+        save_checkpoint(
+            path, model=learner, meta=spec, optimizer=optimizer.state_dict(),
+            progress={"step": step, "best_val_acc": best_acc, "best_step": best_step},
+            rng=[capture_rng_state()], config=config or {}, schedule=asdict(schedule),
+        )
+
+    loader = DataLoader(
+        _MetaBatches(train_episodes, schedule.meta_batch, start, schedule.meta_steps),
+        batch_size=None, num_workers=schedule.num_workers,
+        collate_fn=_as_list,
+        # Its own generator: creating the iterator must not draw from the global RNG (exact resume).
+        generator=torch.Generator().manual_seed(0),
+    )
+    started = time.perf_counter()
+    bar = tqdm(loader, initial=start, total=schedule.meta_steps, desc="meta-train", disable=not progress)
+    with open(out / LOG, "a") as log:
+        for step, batch in enumerate(bar, start=start + 1):
+            learner.train()
+            batch = [e.to(device) for e in batch]
+            loss, logits = learner.batch_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            acc = sum(episode_accuracy(lg, e.query_labels) for lg, e in zip(logits, batch)) / len(batch)
+            record: dict[str, Any] = {"step": step, "loss": round(loss.item(), 6), "train_acc": round(acc, 3)}
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.1f}")
+            if step == schedule.meta_steps or (schedule.val_every and step % schedule.val_every == 0):
+                learner.eval()
+                val = evaluate(learner, val_episodes, device=device, progress=False)
+                record.update(val_acc=round(val.mean, 4), val_ci95=round(val.ci95, 4))
+                if val.mean > best_acc:
+                    best_acc, best_step = val.mean, step
+                    checkpoint(out / BEST, step)
+                checkpoint(out / LAST, step)
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.1f}", val=f"{val.mean:.1f}")
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+    return {
+        "meta_steps": schedule.meta_steps,
+        "best_val_acc": best_acc,
+        "best_step": best_step,
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }

@@ -1,0 +1,224 @@
+"""MAML: meta-gradients against `higher` and finite differences, adapt choices, BatchNorm modes."""
+from __future__ import annotations
+
+import copy
+
+import higher
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.data.episode import Episode
+from fewshot.learners.maml import MAML
+from tests.helpers import TinyNet, make_episode
+
+
+def make_learner(backbone: nn.Module, **kw) -> MAML:
+    torch.manual_seed(0)
+    learner = MAML(backbone, ways=3, inner_steps=3, inner_lr=0.1, **kw).double()
+    with torch.no_grad():  # a non-zero head so that every parameter gets a gradient
+        learner.head.weight.normal_(0, 0.3)
+        learner.head.bias.normal_(0, 0.1)
+    return learner
+
+
+def meta_gradients(learner: MAML, episodes: list[Episode]) -> dict[str, torch.Tensor]:
+    learner.zero_grad()
+    loss, _ = learner.batch_loss(episodes)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in learner.named_parameters()}
+
+
+def higher_meta_gradients(learner: MAML, episodes: list[Episode], first_order: bool) -> dict[str, torch.Tensor]:
+    """The same meta-step written with higher.innerloop_ctx (the reference)."""
+    model = copy.deepcopy(learner)
+    params = list(model.parameters())
+    inner_opt = torch.optim.SGD(params, lr=learner.inner_lr)
+    total = None
+    for ep in episodes:
+        with higher.innerloop_ctx(
+            model, inner_opt, copy_initial_weights=False, track_higher_grads=not first_order
+        ) as (fmodel, diffopt):
+            for _ in range(learner.inner_steps):
+                diffopt.step(F.cross_entropy(fmodel(ep.support_images), ep.support_labels))
+            query_loss = F.cross_entropy(fmodel(ep.query_images), ep.query_labels)
+            if first_order:  # higher detaches the adapted weights: take d(query)/d(fast) explicitly
+                grads = torch.autograd.grad(query_loss, list(fmodel.parameters()))
+            else:
+                grads = torch.autograd.grad(query_loss, params)
+        total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+    names = [n for n, _ in model.named_parameters()]
+    return dict(zip(names, total))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_gradient_matches_higher(first_order: bool) -> None:
+    learner = make_learner(TinyNet(), first_order=first_order)
+    episodes = [make_episode(seed=s) for s in range(2)]
+    ours = meta_gradients(learner, episodes)
+    ref = higher_meta_gradients(learner, episodes, first_order)
+    assert ours.keys() == ref.keys()
+    for name in ours:
+        assert (ours[name] - ref[name]).abs().max().item() <= 1e-10, name
+
+
+def test_first_order_differs_from_second_order() -> None:
+    episodes = [make_episode(seed=3)]
+    second = meta_gradients(make_learner(TinyNet()), episodes)
+    first = meta_gradients(make_learner(TinyNet(), first_order=True), episodes)
+    diff = max((second[n] - first[n]).abs().max().item() for n in second)
+    scale = max(second[n].abs().max().item() for n in second)
+    assert diff > 1e-3 * scale
+
+
+def test_second_order_matches_finite_difference() -> None:
+    learner = make_learner(TinyNet(smooth=True))
+    episodes = [make_episode(seed=5)]
+    grads = meta_gradients(learner, episodes)
+    g = torch.Generator().manual_seed(1)
+    direction = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in learner.named_parameters()}
+    analytic = sum((grads[n] * direction[n]).sum() for n in grads).item()
+    eps = 1e-6
+    params = dict(learner.named_parameters())
+
+    def loss_at(sign: float) -> float:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.add_(sign * eps * direction[n])
+        value = learner.batch_loss(episodes)[0].item()
+        with torch.no_grad():
+            for n, p in params.items():
+                p.sub_(sign * eps * direction[n])
+        return value
+
+    numeric = (loss_at(1.0) - loss_at(-1.0)) / (2 * eps)
+    assert abs(numeric - analytic) <= 1e-4 * abs(analytic)
+
+
+def test_predict_equals_loss_logits_and_keeps_no_graph() -> None:
+    learner = make_learner(TinyNet(), first_order=True)
+    learner.test_inner_steps, learner.test_inner_lr = learner.inner_steps, learner.inner_lr
+    episode = make_episode(seed=2)
+    _, train_logits = learner.loss(episode)
+    logits = learner.predict(episode)
+    assert not logits.requires_grad
+    assert torch.allclose(logits, train_logits.detach(), atol=1e-12, rtol=0)
+
+
+def test_adapt_head_changes_only_head_and_zero_steps_is_identity() -> None:
+    learner = make_learner(TinyNet(), adapt="head")
+    assert learner.adapted_names == ["head.weight", "head.bias"]
+    episode = make_episode(seed=4)
+    params = learner.model_parameters()
+    fast = learner.adapt_to_support(params, episode.support_images, episode.support_labels, 2, 0.1, False)
+    for name, tensor in fast.items():
+        changed = not torch.equal(tensor, params[name])
+        assert changed == name.startswith("head."), name
+    same = learner.adapt_to_support(params, episode.support_images, episode.support_labels, 0, 0.1, False)
+    assert all(same[n] is params[n] for n in params)
+
+
+def test_adapt_pattern_and_errors() -> None:
+    learner = make_learner(TinyNet(), adapt=r"body\.1\.")  # the first BatchNorm's affine parameters
+    assert learner.adapted_names == ["backbone.body.1.weight", "backbone.body.1.bias"]
+    with pytest.raises(ValueError, match=r"adapt='atoms' selects no parameter"):
+        MAML(TinyNet(), ways=3, adapt="atoms")
+    with pytest.raises(ValueError, match=r"adapt='\(' is neither one of all, atoms, coefficients, head"):
+        MAML(TinyNet(), ways=3, adapt="(")
+    with pytest.raises(ValueError, match="unknown bn_mode 'x'; choose one of: transductive, support"):
+        MAML(TinyNet(), ways=3, bn_mode="x")
+    with pytest.raises(ValueError, match="ways must be >= 2, got 1"):
+        MAML(TinyNet(), ways=1)
+
+
+def test_support_statistics_mode_normalizes_query_with_support_batch() -> None:
+    learner = make_learner(TinyNet(), bn_mode="support")
+    episode = make_episode(seed=6)
+    logits = learner.predict(episode)
+    # Predicting each query image alone gives the same logits: no query statistics are used.
+    single = [
+        learner.predict(Episode(episode.support_images, episode.support_labels,
+                                episode.query_images[i : i + 1], episode.query_labels[i : i + 1],
+                                episode.classes))
+        for i in range(len(episode.query_labels))
+    ]
+    assert torch.allclose(torch.cat(single), logits, atol=1e-10, rtol=0)
+    transductive = make_learner(TinyNet())
+    assert not torch.allclose(transductive.predict(episode), logits, atol=1e-6)
+
+
+def test_learned_inner_lr_receives_gradient() -> None:
+    learner = make_learner(TinyNet(), learn_inner_lr=True)
+    assert len(learner.inner_lrs) == len(learner.adapted_names)
+    grads = meta_gradients(learner, [make_episode(seed=7)])
+    lr_grads = [g for n, g in grads.items() if n.startswith("inner_lrs.")]
+    assert len(lr_grads) == len(learner.adapted_names)
+    assert all(g.shape == (5,) for g in lr_grads)  # max(inner_steps=3, test_inner_steps=5)
+    assert sum(g.abs().sum().item() for g in lr_grads) > 0
+
+
+def acdc_tiny(scope: str = "net", **kw) -> nn.Module:
+    from fewshot.acdc import convert
+
+    torch.manual_seed(0)
+    return convert(TinyNet(channels=8), scope, atoms=4, atom_drop=0.0, **kw)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("scope,kw", [("net", {}), ("g-net", {"group_size": 4})])
+def test_acdc_meta_gradient_matches_higher(first_order: bool, scope: str, kw: dict) -> None:
+    learner = make_learner(acdc_tiny(scope, **kw), first_order=first_order)
+    names = [n for n, _ in learner.named_parameters()]
+    assert sum(n.endswith(".coefficients") for n in names) == 1  # shared across both convs: listed once
+    episodes = [make_episode(seed=s) for s in range(2)]
+    ours = meta_gradients(learner, episodes)
+    ref = higher_meta_gradients(learner, episodes, first_order)
+    for name in ours:
+        assert (ours[name] - ref[name]).abs().max().item() <= 1e-10, name
+
+
+def test_adapt_atoms_changes_only_atoms_and_coefficients_still_learn() -> None:
+    learner = make_learner(acdc_tiny(), adapt="atoms")
+    assert learner.adapted_names and all(n.endswith(".atoms") for n in learner.adapted_names)
+    episode = make_episode(seed=8)
+    params = learner.model_parameters()
+    fast = learner.adapt_to_support(params, episode.support_images, episode.support_labels, 2, 0.1, True)
+    for name, tensor in fast.items():
+        assert (not torch.equal(tensor, params[name])) == name.endswith(".atoms"), name
+    grads = meta_gradients(learner, [episode])
+    coefficient = next(n for n in grads if n.endswith(".coefficients"))
+    assert grads[coefficient].abs().sum().item() > 0
+
+
+def test_shared_coefficients_adapted_as_one_tensor() -> None:
+    learner = make_learner(acdc_tiny(), adapt="coefficients")
+    (name,) = learner.adapted_names
+    episode = make_episode(seed=9)
+    params = learner.model_parameters()
+    fast = learner.adapt_to_support(params, episode.support_images, episode.support_labels, 1, 0.1, False)
+    # Running with the adapted tensor changes both convs: replacing it by the original restores the output.
+    from torch.func import functional_call
+
+    x = episode.query_images
+    adapted_out = functional_call(learner, fast, (x,))
+    convs = [m for m in learner.modules() if hasattr(m, "shared")]
+    assert len(convs) == 2 and convs[0].shared is convs[1].shared
+    restored = functional_call(learner, {**fast, name: params[name]}, (x,))
+    assert torch.allclose(restored, functional_call(learner, params, (x,)))
+    assert not torch.allclose(adapted_out, restored)
+
+
+def test_inner_loop_leaves_the_model_untouched() -> None:
+    learner = make_learner(acdc_tiny())
+    before = {n: p for n, p in learner.named_parameters()}
+    copies = {n: p.detach().clone() for n, p in before.items()}
+    buffers = {n: b.clone() for n, b in learner.named_buffers()}
+    episode = make_episode(seed=10)
+    learner.loss(episode)
+    learner.predict(episode)
+    after = dict(learner.named_parameters())
+    assert all(after[n] is before[n] and after[n].is_leaf for n in before)
+    assert all(torch.equal(after[n], copies[n]) for n in before)
+    # BatchNorm running statistics are neither used nor updated.
+    assert all(torch.equal(b, buffers[n]) for n, b in learner.named_buffers())
