@@ -1,0 +1,132 @@
+"""The backbone registry: ``register_backbone``, ``create_backbone`` and ``list_backbones``."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, TypeVar
+
+from torch import nn
+
+from fewshot.backbones.base import check_int
+
+Builder = Callable[..., nn.Module]
+B = TypeVar("B", bound=Builder)
+
+_BACKBONES: dict[str, Builder] = {}
+DENSE = "none"
+
+
+def register_backbone(name: str | B) -> Callable[[B], B] | B:
+    """Register a builder ``fn(num_classes=0, *, **options) -> Backbone`` under ``name``.
+
+    Use as ``@register_backbone("my_net")`` or bare ``@register_backbone`` (registers the function's name).
+    The builder's keyword-only parameters are the options ``create_backbone`` accepts for it.
+    """
+
+    def add(fn: B, key: str) -> B:
+        if key in _BACKBONES:
+            raise ValueError(f"backbone {key!r} is registered twice")
+        _BACKBONES[key] = fn
+        return fn
+
+    if callable(name):
+        return add(name, name.__name__)
+    return lambda fn: add(fn, name)
+
+
+def list_backbones() -> list[str]:
+    """Names of the registered backbones, sorted."""
+    return sorted(_BACKBONES)
+
+
+def backbone_options(name: str) -> list[str]:
+    """The keyword options backbone ``name`` accepts (besides ``num_classes`` and the ACDC arguments)."""
+    params = inspect.signature(_builder(name)).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def _builder(name: str) -> Builder:
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(list_backbones())}")
+    return _BACKBONES[name]
+
+
+def create_backbone(
+    name: str,
+    acdc: str | None = None,
+    atoms: int = 8,
+    group_size: int | None = None,
+    num_classes: int = 0,
+    atom_drop: float = 0.1,
+    decompose_stem: bool = False,
+    **kw: Any,
+) -> nn.Module:
+    """Build backbone ``name``; with ``acdc`` set, convert its convs to ACDC convs sharing coefficients.
+
+    Args:
+        name: one of ``list_backbones()``.
+        acdc: ``None`` or ``"none"`` for the dense network, else a sharing scope of ``fewshot.acdc.SCOPES``
+            (``net``, ``block``, ``layer``, ``g-net``, ``g-block``, ``g-layer``).
+        atoms: m, filter atoms per layer (per group for the grouped scopes).
+        group_size: s, channels per group; only for the grouped scopes.
+        num_classes: > 0 appends ``fc = nn.Linear(out_features, num_classes)`` and ``forward`` returns
+            logits; 0 returns ``out_features``-dimensional features.
+        atom_drop: atom-drop probability in training (ACDC only).
+        decompose_stem: also decompose the ImageNet 7x7 stem (ACDC only).
+        **kw: options of the backbone (``backbone_options(name)``), e.g. ``stem`` for the ResNets,
+            ``image_size`` for conv4, ``depth`` / ``widen_factor`` for ``wrn``.
+
+    The block structure under the ``block`` scopes is the backbone's own (``acdc_block_of``): one block
+    per ResNet stage, per VGG stage, per WRN group, per conv4 layer.
+    """
+    builder = _builder(name)
+    num_classes = check_int(num_classes, "num_classes", 0)
+    check_int(atoms, "atoms")
+    if isinstance(atom_drop, bool) or not isinstance(atom_drop, (int, float)) or not 0.0 <= atom_drop < 1.0:
+        raise ValueError(f"atom_drop must be a probability in [0, 1), got {atom_drop!r}")
+    unknown = sorted(set(kw) - set(backbone_options(name)))
+    if unknown:
+        valid = ", ".join(backbone_options(name)) or "none"
+        raise ValueError(f"backbone {name!r} got unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+    scope = _check_scope(acdc, group_size, decompose_stem)
+    model = builder(num_classes, **kw)
+    if scope is None:
+        return model
+
+    from fewshot.acdc import convert
+
+    return convert(
+        model,
+        scope,
+        atoms=atoms,
+        group_size=group_size,
+        atom_drop=atom_drop,
+        decompose_stem=decompose_stem,
+        block_of=model.acdc_block_of,
+    )
+
+
+def _check_scope(acdc: str | None, group_size: int | None, decompose_stem: bool) -> str | None:
+    """The ACDC scope to convert with, or None for dense; raises on arguments that would be ignored."""
+    if acdc is None or acdc == DENSE:
+        if group_size is not None:
+            raise ValueError(
+                f"group_size={group_size!r} needs a grouped ACDC scope (g-net, g-block, g-layer); got acdc={acdc!r}"
+            )
+        if decompose_stem:
+            raise ValueError(f"decompose_stem=True needs an ACDC scope; got acdc={acdc!r}")
+        return None
+    from fewshot.acdc import SCOPES
+
+    if acdc not in SCOPES:
+        raise ValueError(f"unknown acdc scope {acdc!r}; valid: {DENSE}, {', '.join(SCOPES)}")
+    if group_size is None:
+        if acdc.startswith("g-"):
+            raise ValueError(f"acdc={acdc!r} needs group_size= (channels per filter group, e.g. 32 or 64)")
+    else:
+        check_int(group_size, "group_size")
+        if not acdc.startswith("g-"):
+            raise ValueError(
+                f"group_size={group_size!r} applies only to the grouped scopes (g-net, g-block, g-layer); "
+                f"got acdc={acdc!r}"
+            )
+    return acdc

@@ -1,0 +1,336 @@
+"""Backbones: names, Chen et al.'s parameter counts, feature shapes, heads, torchvision equivalence, ACDC
+conversion (scopes, block structure) and every error message."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.func import functional_call
+
+import fewshot
+from fewshot.backbones import backbone_options, create_backbone, list_backbones, register_backbone
+
+NAMES = [
+    "conv4", "resnet10", "resnet18", "resnet18_cifar", "resnet18_imagenet", "resnet34", "resnet34_imagenet",
+    "resnet50_imagenet", "vgg16_cifar", "wrn", "wrn28_10", "wrn40_1", "wrn40_4",
+]
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def meta(name: str, **kw) -> nn.Module:
+    """Build on the meta device: exact shapes and counts without memory or init cost."""
+    with torch.device("meta"):
+        return create_backbone(name, **kw)
+
+
+def test_registry_lists_every_backbone_and_fewshot_exports_it():
+    assert list_backbones() == NAMES
+    assert fewshot.create_backbone is create_backbone and fewshot.list_backbones is list_backbones
+
+
+@pytest.mark.parametrize("name, count", [
+    ("conv4", 113_088), ("resnet10", 4_905_792), ("resnet18", 11_176_512), ("resnet34", 21_284_672),
+])
+def test_chen_et_al_feature_extractor_parameter_counts(name, count):
+    assert n_params(meta(name)) == count
+
+
+@pytest.mark.parametrize("name, kw, count", [
+    ("resnet18_cifar", dict(num_classes=10), 11_173_962),
+    ("vgg16_cifar", dict(num_classes=10), 14_724_042),  # convs without bias (BatchNorm follows)
+    ("wrn40_4", dict(num_classes=10), 8_949_210),
+    ("wrn28_10", dict(num_classes=10), 36_479_194),
+    ("wrn40_1", dict(num_classes=10), 563_930),
+    ("resnet34_imagenet", {}, 21_284_672),
+    ("resnet50_imagenet", {}, 23_508_032),
+])
+def test_classification_stack_parameter_counts(name, kw, count):
+    assert n_params(meta(name, **kw)) == count
+
+
+@pytest.mark.parametrize("name", ["resnet10", "resnet18", "resnet34"])
+@pytest.mark.parametrize("stem, size, spatial", [
+    ("imagenet", 84, 3), ("imagenet", 224, 7), ("small", 84, 11), ("small", 224, 28),
+])
+def test_fewshot_resnet_features_at_84_and_224_with_both_stems(name, stem, size, spatial):
+    model = meta(name, stem=stem)
+    x = torch.zeros(2, 3, size, size, device="meta")
+    assert model.out_features == 512
+    assert model.forward_features(x).shape == (2, 512)
+    body = model.layer4(model.layer3(model.layer2(model.layer1(model.maxpool(model.conv1(x))))))
+    assert body.shape == (2, 512, spatial, spatial)
+
+
+def test_fewshot_resnet_real_forward_small_stem_and_default_stem():
+    torch.manual_seed(0)
+    small = create_backbone("resnet10", stem="small").eval()
+    assert isinstance(small.maxpool, nn.Identity) and small.conv1.kernel_size == (3, 3)
+    assert small(torch.randn(2, 3, 84, 84)).shape == (2, 512)
+    default = create_backbone("resnet10")
+    assert default.stem == "imagenet" and default.conv1.kernel_size == (7, 7) and default.conv1.stride == (2, 2)
+
+
+@pytest.mark.parametrize("size, in_channels, features", [(84, 3, 1600), (28, 1, 64), (28, 3, 64)])
+def test_conv4_flattens_like_chen_et_al(size, in_channels, features):
+    torch.manual_seed(0)
+    model = create_backbone("conv4", image_size=size, in_channels=in_channels).eval()
+    assert model.out_features == features
+    assert model(torch.randn(2, in_channels, size, size)).shape == (2, features)
+
+
+def test_conv4_blocks_are_conv_with_bias_bn_relu_maxpool():
+    model = create_backbone("conv4")
+    for i in range(1, 5):
+        conv, bn, relu, pool = getattr(model, f"layer{i}")
+        assert conv.bias is not None and conv.kernel_size == (3, 3) and conv.out_channels == 64
+        assert isinstance(bn, nn.BatchNorm2d) and isinstance(relu, nn.ReLU) and isinstance(pool, nn.MaxPool2d)
+
+
+@pytest.mark.parametrize("name, features", [
+    ("resnet18_cifar", 512), ("vgg16_cifar", 512), ("wrn40_4", 256), ("wrn28_10", 640), ("wrn40_1", 64),
+])
+def test_cifar_networks_at_32px(name, features):
+    model = meta(name, num_classes=10)
+    x = torch.zeros(2, 3, 32, 32, device="meta")
+    assert model.out_features == features
+    assert model.forward_features(x).shape == (2, features)
+    assert model(x).shape == (2, 10)
+
+
+def test_wrn40_1_real_forward_and_any_depth_width():
+    torch.manual_seed(0)
+    model = create_backbone("wrn40_1", num_classes=10).eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    custom = meta("wrn", depth=16, widen_factor=2)
+    assert custom.out_features == 128 and [len(getattr(custom, f"block{i}")) for i in (1, 2, 3)] == [2, 2, 2]
+    assert n_params(meta("wrn", depth=40, widen_factor=4, num_classes=10)) == n_params(meta("wrn40_4", num_classes=10))
+    assert n_params(meta("wrn", num_classes=10)) == 36_479_194  # default: WRN-28-10
+
+
+@pytest.mark.parametrize("name, tv_name", [("resnet18_imagenet", "resnet18"), ("resnet50_imagenet", "resnet50")])
+def test_imagenet_resnets_match_torchvision_exactly(name, tv_name):
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, tv_name)(num_classes=7).eval()
+    ours = meta(name, num_classes=7).eval()
+    ours.load_state_dict(reference.state_dict(), assign=True)  # strict: same names and shapes
+    x = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(ours(x), reference(x))
+
+
+def test_num_classes_adds_a_linear_head_and_zero_returns_features():
+    torch.manual_seed(0)
+    model = create_backbone("conv4", image_size=28, num_classes=5).eval()
+    assert isinstance(model.fc, nn.Linear) and (model.fc.in_features, model.fc.out_features) == (64, 5)
+    x = torch.randn(3, 3, 28, 28)
+    torch.testing.assert_close(model(x), model.fc(model.forward_features(x)))
+    assert model(x).shape == (3, 5)
+    plain = create_backbone("conv4", image_size=28)
+    assert isinstance(plain.fc, nn.Identity) and plain.num_classes == 0
+    assert n_params(model) - n_params(plain) == 64 * 5 + 5
+
+
+def test_options_are_the_builders_keyword_arguments():
+    assert backbone_options("conv4") == ["image_size", "width", "in_channels"]
+    assert backbone_options("resnet18") == ["stem", "in_channels"]
+    assert backbone_options("wrn") == ["depth", "widen_factor", "dropout", "in_channels"]
+    assert backbone_options("vgg16_cifar") == ["in_channels"]
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+
+def error(match: str):
+    return pytest.raises(ValueError, match="^" + re.escape(match) + "$")
+
+
+def test_unknown_backbone_lists_the_valid_names():
+    with error(f"unknown backbone 'resnet19'; valid: {', '.join(NAMES)}"):
+        create_backbone("resnet19")
+
+
+def test_unknown_option_lists_the_valid_options():
+    with error("backbone 'vgg16_cifar' got unknown option(s) stem; valid options: in_channels"):
+        create_backbone("vgg16_cifar", stem="small")
+    with error("backbone 'wrn40_4' got unknown option(s) depth, widen; valid options: dropout, in_channels"):
+        create_backbone("wrn40_4", depth=16, widen=2)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(num_classes=-1), "num_classes must be an integer >= 0, got -1"),
+    (dict(num_classes=2.0), "num_classes must be an integer >= 0, got 2.0"),
+    (dict(atoms=0), "atoms must be an integer >= 1, got 0"),
+    (dict(atoms="8"), "atoms must be an integer >= 1, got '8'"),
+    (dict(atom_drop=1.0), "atom_drop must be a probability in [0, 1), got 1.0"),
+    (dict(group_size=16), "group_size=16 needs a grouped ACDC scope (g-net, g-block, g-layer); got acdc=None"),
+    (dict(decompose_stem=True), "decompose_stem=True needs an ACDC scope; got acdc=None"),
+    (dict(stem="cifar"), "unknown ResNet stem 'cifar'; valid: imagenet, small"),
+    (dict(in_channels=0), "in_channels must be an integer >= 1, got 0"),
+])
+def test_bad_arguments_raise_one_clear_error(kw, message):
+    with error(message):
+        create_backbone("resnet10", **kw)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(depth=41), "wrn: depth must be 6n+4 (10, 16, 22, 28, 34, 40, ...), got 41"),
+    (dict(depth=4), "wrn: depth must be an integer >= 10, got 4"),
+    (dict(widen_factor=0), "wrn: widen_factor must be an integer >= 1, got 0"),
+    (dict(dropout=1.5), "wrn: dropout must be in [0, 1), got 1.5"),
+])
+def test_bad_wrn_shapes(kw, message):
+    with error(message):
+        create_backbone("wrn", **kw)
+
+
+def test_conv4_image_size_errors():
+    with error("conv4: image_size (four 2x2 max-pools) must be an integer >= 16, got 8"):
+        create_backbone("conv4", image_size=8)
+    model = create_backbone("conv4", image_size=28)
+    with error("conv4 was built for 28x28 images (64 features) but got 84x84; create it with image_size=84"):
+        model(torch.zeros(1, 3, 84, 84))
+
+
+def test_registering_a_name_twice_is_an_error():
+    with error("backbone 'conv4' is registered twice"):
+        register_backbone("conv4")(lambda num_classes=0: None)
+
+
+# ---- ACDC conversion ---------------------------------------------------------------------------------
+
+from fewshot.acdc import SCOPES, ACDCConv2d, SharedCoefficients, infer_blocks  # noqa: E402
+
+
+def owners(model: nn.Module) -> list[nn.Parameter]:
+    """The distinct coefficient tensors, in registration order."""
+    seen: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        if isinstance(m, SharedCoefficients):
+            seen.setdefault(id(m.coefficients), m.coefficients)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("scope, group_size, n_owners", [
+    ("net", None, 1), ("block", None, 4), ("layer", None, 9),
+    ("g-net", 32, 1), ("g-block", 32, 4), ("g-layer", 32, 9),
+])
+def test_every_acdc_scope_builds_resnet10_and_forwards(scope, group_size, n_owners):
+    assert SCOPES == ("net", "block", "layer", "g-net", "g-block", "g-layer")
+    torch.manual_seed(0)
+    model = create_backbone("resnet10", acdc=scope, atoms=4, group_size=group_size, stem="small", num_classes=5)
+    convs = [m for m in model.modules() if isinstance(m, ACDCConv2d)]
+    assert len(convs) == 9  # the 3x3 stem and 2 convs per block; 1x1 shortcuts stay dense
+    assert all(c.num_atoms == 4 and c.scope == scope and c.group_size == group_size for c in convs)
+    assert sum(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in model.modules()) == 3
+    assert len(owners(model)) == n_owners
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name, kw, shapes", [
+    ("resnet18_cifar", {}, [(64, 64), (128, 128), (256, 256), (512, 512)]),  # one per stage
+    ("resnet50_imagenet", {}, [(64, 64), (128, 128), (256, 256), (512, 512)]),  # bottleneck 3x3s only
+    ("vgg16_cifar", {}, [(64, 64), (128, 128), (256, 256), (512, 512), (512, 512)]),  # VGG16: 5
+    ("wrn40_4", {}, [(64, 64), (128, 128), (256, 256)]),  # WRN: 3 (the 3->16 stem joins group 1)
+    ("conv4", {}, [(64, 3), (64, 64), (64, 64), (64, 64)]),  # the map halves after every conv: block = layer
+])
+def test_block_scope_has_the_papers_block_structure(name, kw, shapes):
+    model = meta(name, acdc="block", atoms=8, **kw)
+    assert [tuple(o.shape) for o in owners(model)] == [s + (8,) for s in shapes]
+
+
+@pytest.mark.parametrize("name", ["resnet18_cifar", "vgg16_cifar", "resnet34"])
+def test_block_keys_agree_with_the_forward_trace_rule(name):
+    """The backbones' own ``acdc_block_of`` partitions the convs as the shape-run rule does."""
+    model = meta(name, **({"stem": "small"} if name == "resnet34" else {}))
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    traced = infer_blocks(model, convs)
+    ours = infer_blocks(model, convs, block_of=model.acdc_block_of)
+
+    def partition(keys):
+        groups: dict = {}
+        for conv_name, key in keys.items():
+            groups.setdefault(key, []).append(conv_name)
+        return sorted(groups.values())
+
+    assert partition(ours) == partition(traced)
+
+
+def test_imagenet_stem_stays_dense_unless_decompose_stem():
+    model = meta("resnet18", acdc="block")
+    assert type(model.conv1) is nn.Conv2d and model.conv1.kernel_size == (7, 7)
+    model = meta("resnet18", acdc="block", decompose_stem=True)
+    assert isinstance(model.conv1, ACDCConv2d)
+    assert model.conv1.shared.coefficients is model.layer1[0].conv1.shared.coefficients  # the stem joins the first stage's block
+
+
+def _conv4(acdc: str | None) -> nn.Module:
+    torch.manual_seed(0)
+    return create_backbone("conv4", image_size=28, acdc=acdc, atoms=6, num_classes=5).eval()
+
+
+def _kernel_params(name: str) -> bool:
+    """The tensors that scale all four conv kernels of conv4: dense weights, or the shared coefficients."""
+    return name.endswith(".coefficients") or bool(re.fullmatch(r"layer\d\.0\.weight", name))
+
+
+def test_acdc_backbone_shares_one_coefficient_tensor():
+    model = _conv4("net")
+    coefficient_names = [n for n, _ in model.named_parameters() if n.endswith(".coefficients")]
+    assert coefficient_names == ["layer1.0.shared.coefficients"]  # one tensor, listed once
+    assert len([n for n, _ in model.named_parameters() if n.endswith(".atoms")]) == 4
+    assert all(owners(model)[0] is getattr(model, f"layer{i}")[0].shared.coefficients for i in (2, 3, 4))
+
+
+@pytest.mark.parametrize("acdc", [None, "net"])
+def test_backbone_works_with_functional_call(acdc):
+    """With zero conv biases and fresh eval-mode BatchNorm, conv4 is positively homogeneous in each conv's
+    kernel: doubling the dense kernels, or the one shared coefficient tensor, scales the features by 16.
+    The module itself must be left untouched."""
+    model = _conv4(acdc)
+    x = torch.randn(3, 3, 28, 28)
+    reference = model(x).detach()
+    params = dict(model.named_parameters())
+    torch.testing.assert_close(functional_call(model, params, (x,)), reference)
+    doubled = {k: (2 * v if _kernel_params(k) else v) for k, v in params.items()}
+    assert sum(map(_kernel_params, doubled)) == (4 if acdc is None else 1)
+    bias = model.fc.bias.detach()
+    torch.testing.assert_close(functional_call(model, doubled, (x,)) - bias, 16 * (reference - bias))
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    torch.testing.assert_close(model(x), reference)
+
+
+@pytest.mark.parametrize("acdc", [None, "net"])
+def test_backbone_works_with_higher(acdc):
+    import higher
+    model = _conv4(acdc)
+    x = torch.randn(3, 3, 28, 28)
+    reference = model(x).detach()
+    fmodel = higher.monkeypatch(model, copy_initial_weights=True)
+    doubled = [2 * p if _kernel_params(n) else p for n, p in model.named_parameters()]
+    bias = model.fc.bias.detach()
+    torch.testing.assert_close(fmodel(x, params=doubled) - bias, 16 * (reference - bias))
+    torch.testing.assert_close(model(x), reference)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(acdc="stage"), "unknown acdc scope 'stage'; valid: none, net, block, layer, g-net, g-block, g-layer"),
+    (dict(acdc="net", group_size=32),
+     "group_size=32 applies only to the grouped scopes (g-net, g-block, g-layer); got acdc='net'"),
+    (dict(acdc="g-net"), "acdc='g-net' needs group_size= (channels per filter group, e.g. 32 or 64)"),
+    (dict(acdc="g-net", group_size=0), "group_size must be an integer >= 1, got 0"),
+    (dict(acdc="net", atoms=0), "atoms must be an integer >= 1, got 0"),
+    (dict(acdc="net", atom_drop=-0.1), "atom_drop must be a probability in [0, 1), got -0.1"),
+])
+def test_bad_acdc_arguments_raise_one_clear_error(kw, message):
+    with error(message):
+        create_backbone("resnet10", **kw)
+
+
+def test_dense_is_none_or_the_string_none():
+    assert n_params(meta("resnet10", acdc="none")) == n_params(meta("resnet10", acdc=None)) == 4_905_792
