@@ -111,11 +111,11 @@ def test_adapt_head_changes_only_head_and_zero_steps_is_identity() -> None:
     assert learner.adapted_names == ["head.weight", "head.bias"]
     episode = make_episode(seed=4)
     params = learner.model_parameters()
-    fast = learner.adapt_to_support(params, episode.support_images, episode.support_labels, 2, 0.1, False)
+    fast = learner.adapt_to_support(params, episode.support_images, episode.support_labels, 2, 0.1, True)
     for name, tensor in fast.items():
         changed = not torch.equal(tensor, params[name])
         assert changed == name.startswith("head."), name
-    same = learner.adapt_to_support(params, episode.support_images, episode.support_labels, 0, 0.1, False)
+    same = learner.adapt_to_support(params, episode.support_images, episode.support_labels, 0, 0.1, True)
     assert all(same[n] is params[n] for n in params)
 
 
@@ -183,7 +183,7 @@ def test_adapt_atoms_changes_only_atoms_and_coefficients_still_learn() -> None:
     assert learner.adapted_names and all(n.endswith(".atoms") for n in learner.adapted_names)
     episode = make_episode(seed=8)
     params = learner.model_parameters()
-    fast = learner.adapt_to_support(params, episode.support_images, episode.support_labels, 2, 0.1, True)
+    fast = learner.adapt_to_support(params, episode.support_images, episode.support_labels, 2, 0.1, False)
     for name, tensor in fast.items():
         assert (not torch.equal(tensor, params[name])) == name.endswith(".atoms"), name
     grads = meta_gradients(learner, [episode])
@@ -196,14 +196,14 @@ def test_shared_coefficients_adapted_as_one_tensor() -> None:
     (name,) = learner.adapted_names
     episode = make_episode(seed=9)
     params = learner.model_parameters()
-    fast = learner.adapt_to_support(params, episode.support_images, episode.support_labels, 1, 0.1, False)
+    fast = learner.adapt_to_support(params, episode.support_images, episode.support_labels, 1, 0.1, True)
     # Running with the adapted tensor changes both convs: replacing it by the original restores the output.
     from torch.func import functional_call
 
     x = episode.query_images
     adapted_out = functional_call(learner, fast, (x,))
     convs = [m for m in learner.modules() if hasattr(m, "shared")]
-    assert len(convs) == 2 and convs[0].shared is convs[1].shared
+    assert len(convs) == 2 and convs[0].shared.coefficients is convs[1].shared.coefficients
     restored = functional_call(learner, {**fast, name: params[name]}, (x,))
     assert torch.allclose(restored, functional_call(learner, params, (x,)))
     assert not torch.allclose(adapted_out, restored)
@@ -222,3 +222,21 @@ def test_inner_loop_leaves_the_model_untouched() -> None:
     assert all(torch.equal(after[n], copies[n]) for n in before)
     # BatchNorm running statistics are neither used nor updated.
     assert all(torch.equal(b, buffers[n]) for n, b in learner.named_buffers())
+
+
+@pytest.mark.parametrize("options", [
+    {"first_order": False}, {"first_order": True}, {"bn_mode": "support"}, {"learn_inner_lr": True},
+])
+@pytest.mark.parametrize("acdc", [False, True])
+def test_vectorized_meta_batch_equals_task_loop(options: dict, acdc: bool) -> None:
+    backbone = acdc_tiny("g-net", group_size=4) if acdc else TinyNet()
+    batched = make_learner(backbone, **options)
+    looped = copy.deepcopy(batched)
+    looped.vectorize = False
+    episodes = [make_episode(seed=s) for s in range(3)]
+    grads_batched = meta_gradients(batched, episodes)
+    grads_looped = meta_gradients(looped, episodes)
+    for name in grads_looped:
+        assert (grads_batched[name] - grads_looped[name]).abs().max().item() <= 1e-10, name
+    for logits, episode in zip(batched.predict_batch(episodes), episodes):
+        assert (logits - looped.predict(episode)).abs().max().item() <= 1e-10

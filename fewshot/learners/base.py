@@ -20,6 +20,8 @@ class Learner(nn.Module):
     """
 
     name: str = ""
+    #: "episodic" learners train on meta-batches of episodes; "supervised" ones pretrain on base classes.
+    training_mode: str = "episodic"
 
     def __init__(self, backbone: nn.Module, ways: int) -> None:
         super().__init__()
@@ -35,6 +37,10 @@ class Learner(nn.Module):
     def predict(self, episode: Episode) -> Tensor:
         """Query logits, shape (ways*queries, ways)."""
         raise NotImplementedError
+
+    def predict_batch(self, episodes: Sequence[Episode]) -> list[Tensor]:
+        """Query logits of several episodes (learners that can batch episodes override this)."""
+        return [self.predict(e) for e in episodes]
 
     def batch_loss(self, episodes: Sequence[Episode]) -> tuple[Tensor, list[Tensor]]:
         """Summed query loss over a meta-batch and each episode's query logits."""
