@@ -87,6 +87,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--test-episodes", type=int, default=3000)
     ev.add_argument("--test-seed", type=int, default=0, help="seed of the test episodes (same for every run)")
+    ev.add_argument("--eval-batch", type=int, default=8,
+                    help="test episodes predicted together (MAML: one vmap); results do not depend on it")
     ev.add_argument("--eval-only", action="store_true")
     ev.add_argument("--checkpoint", default=None, help="with --eval-only: the checkpoint to evaluate")
     run = p.add_argument_group("run")
@@ -110,7 +112,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.ways < 2:
         raise ValueError(f"--ways must be >= 2, got {args.ways}")
     _check_positive(args, ("shots", "queries", "test_queries", "train_episodes", "meta_batch",
-                           "val_episodes", "test_episodes", "atoms", "image_size"))
+                           "val_episodes", "test_episodes", "atoms", "image_size", "eval_batch"))
     _check_positive(args, ("inner_steps", "test_inner_steps", "val_every", "workers"), minimum=0)
     if not 0.0 <= args.atom_drop < 1.0:
         raise ValueError(f"--atom-drop must be in [0, 1), got {args.atom_drop}")
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         val_episodes = episode_source(args, "val", args.val_episodes, args.test_seed + 1, train=False)
         schedule = EpisodicSchedule(
             meta_steps=max(1, args.train_episodes // args.meta_batch), meta_batch=args.meta_batch,
-            lr=args.lr, val_every=args.val_every, num_workers=args.workers,
+            lr=args.lr, val_every=args.val_every, num_workers=args.workers, eval_batch=args.eval_batch,
         )
     torch.manual_seed(args.seed)
     learner, spec = build_learner(args, test_episodes.dataset.channels)
@@ -248,7 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load_model_state(learner, load_checkpoint(out / BEST, map_location=args.device)["model"])
     learner.eval()
     result = evaluate(learner, test_episodes, device=args.device, progress=not args.no_progress,
-                      total=args.test_episodes)
+                      total=args.test_episodes, batch=args.eval_batch)
     record = result_record(
         result, dataset=args.dataset, method=args.method, backbone=args.backbone, acdc=args.acdc,
         atoms=args.atoms if args.acdc != "none" else None, group_size=args.group_size,

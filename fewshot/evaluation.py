@@ -53,21 +53,39 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool = True,
     total: int | None = None,
+    batch: int = 1,
 ) -> EvaluationResult:
-    """Accuracy of ``learner.predict`` on every episode (the learner is left in training mode as found).
+    """Accuracy of the learner's predictions on every episode, in order.
 
-    The learner stays in train mode while predicting when it was in train mode, since Chen et al. use
-    BatchNorm transductively at test time; ``predict`` itself decides what needs gradients.
+    ``batch`` episodes at a time go to ``learner.predict_batch`` (MAML runs them through one ``vmap``);
+    the accuracies do not depend on it. The learner's train/eval mode is the caller's choice: each
+    learner's ``predict`` decides how BatchNorm behaves (MAML transductively, as Chen et al.).
     """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     accuracies: list[float] = []
-    bar = tqdm(episodes, total=total, desc="evaluate", disable=not progress, leave=False)
-    for episode in bar:
-        episode = episode.to(device)
-        logits = learner.predict(episode)
-        accuracies.append(episode_accuracy(logits, episode.query_labels))
-        if len(accuracies) % 50 == 0:
+    bar = tqdm(total=total, desc="evaluate", disable=not progress, leave=False)
+    pending: list[Episode] = []
+    reported = 0
+
+    def flush() -> None:
+        nonlocal reported
+        for episode, logits in zip(pending, learner.predict_batch(pending)):
+            accuracies.append(episode_accuracy(logits, episode.query_labels))
+        bar.update(len(pending))
+        pending.clear()
+        if progress and len(accuracies) - reported >= 50:  # the running CI costs O(n): not every step
+            reported = len(accuracies)
             running = EvaluationResult(accuracies)
             bar.set_postfix(acc=f"{running.mean:.2f}±{running.ci95:.2f}")
+
+    for episode in episodes:
+        pending.append(episode.to(device))
+        if len(pending) == batch:
+            flush()
+    if pending:
+        flush()
+    bar.close()
     if not accuracies:
         raise ValueError("no episodes to evaluate: the episode source was empty")
     return EvaluationResult(accuracies)

@@ -36,7 +36,8 @@ class EpisodicSchedule:
 
     ``meta_steps`` meta-updates of ``meta_batch`` episodes each (Adam, ``lr``); validation on the fixed
     validation episodes every ``val_every`` meta-steps and after the last one; ``num_workers``
-    DataLoader workers produce the training episodes.
+    DataLoader workers produce the training episodes; ``eval_batch`` validation episodes are predicted
+    together.
     """
 
     meta_steps: int
@@ -44,6 +45,7 @@ class EpisodicSchedule:
     lr: float = 1e-3
     val_every: int = 0
     num_workers: int = 0
+    eval_batch: int = 1
 
     def __post_init__(self) -> None:
         for name in ("meta_steps", "meta_batch"):
@@ -150,7 +152,7 @@ def train_episodic(
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.1f}")
             if step == schedule.meta_steps or (schedule.val_every and step % schedule.val_every == 0):
                 learner.eval()
-                val = evaluate(learner, val_episodes, device=device, progress=False)
+                val = evaluate(learner, val_episodes, device=device, progress=False, batch=schedule.eval_batch)
                 record.update(val_acc=round(val.mean, 4), val_ci95=round(val.ci95, 4))
                 if val.mean > best_acc:
                     best_acc, best_step = val.mean, step
