@@ -17,18 +17,26 @@ import torch
 from fewshot.acdc import SCOPES
 from fewshot.config import cli_main, parse_args_with_config, save_config
 from fewshot.evaluation import evaluate, result_record, write_json_atomic
+from fewshot.training.distributed import resolve_device
 
 FEWSHOT_BACKBONES = ("conv4", "resnet10", "resnet18", "resnet34")
 ACDC_CHOICES = ("none", *SCOPES)
 DATASETS = ("miniimagenet", "glyphs")
 # Options that only some methods take: a user giving one to another method gets an error.
-METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "maml": ("inner_steps", "inner_lr", "test_inner_steps", "test_inner_lr", "first_order", "adapt",
-             "learn_inner_lr", "bn_mode"),
+# Each maps the CLI option to the learner's keyword (None: a training option, not the learner's).
+METHOD_OPTIONS: dict[str, dict[str, str | None]] = {
+    "maml": {"inner_steps": "inner_steps", "inner_lr": "inner_lr", "test_inner_steps": "test_inner_steps",
+             "test_inner_lr": "test_inner_lr", "first_order": "first_order", "adapt": "adapt",
+             "learn_inner_lr": "learn_inner_lr", "bn_mode": "bn_mode"},
+    "matchingnet": {"fce": "fce", "fce_steps": "fce_steps"},
+    "relationnet": {"relation_loss": "loss"},
+    "baseline": {"pretrain_epochs": None, "pretrain_batch": None, "head_epochs": "head_epochs"},
+    "baseline_pp": {"pretrain_epochs": None, "pretrain_batch": None, "head_epochs": "head_epochs"},
 }
+# Defaults of the method options (Chen et al.'s settings); options left out here default in the learner.
 METHOD_DEFAULTS: dict[str, Any] = {
     "inner_steps": 5, "inner_lr": 0.01, "first_order": False, "adapt": "all",
-    "learn_inner_lr": False, "bn_mode": "transductive",
+    "learn_inner_lr": False, "bn_mode": "transductive", "pretrain_epochs": 400, "pretrain_batch": 16,
 }
 
 
@@ -68,7 +76,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     episodes.add_argument("--test-queries", type=int, default=15)
     train = p.add_argument_group("training")
     train.add_argument("--train-episodes", type=int, default=60000, help="episodes in all (meta-batch × meta-steps)")
-    train.add_argument("--meta-batch", type=int, default=4)
+    train.add_argument("--meta-batch", type=int, default=None,
+                       help="episodes per meta-update (default: 4 for maml, 1 for the others)")
     train.add_argument("--lr", type=float, default=1e-3, help="outer (Adam) learning rate")
     train.add_argument("--val-every", type=int, default=500, help="meta-steps between validations")
     train.add_argument("--val-episodes", type=int, default=100)
@@ -84,6 +93,16 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     maml.add_argument("--learn-inner-lr", action="store_true", default=None,
                       help="learn a step size per tensor and step (Meta-SGD / MAML++)")
     maml.add_argument("--bn-mode", choices=("transductive", "support"), default=None)
+    other = p.add_argument_group("MatchingNet, RelationNet, Baseline/Baseline++")
+    other.add_argument("--fce", action=argparse.BooleanOptionalAction, default=None,
+                       help="matchingnet: full-context embeddings (default on)")
+    other.add_argument("--fce-steps", type=int, default=None, help="matchingnet: attention-LSTM steps")
+    other.add_argument("--relation-loss", choices=("mse", "softmax"), default=None, help="relationnet loss")
+    other.add_argument("--pretrain-epochs", type=int, default=None,
+                       help="baseline(_pp): epochs of supervised training on the base classes (400)")
+    other.add_argument("--pretrain-batch", type=int, default=None, help="baseline(_pp): batch size (16)")
+    other.add_argument("--head-epochs", type=int, default=None,
+                       help="baseline(_pp): epochs of the new head on each support set (100)")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--test-episodes", type=int, default=3000)
     ev.add_argument("--test-seed", type=int, default=0, help="seed of the test episodes (same for every run)")
@@ -112,7 +131,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.ways < 2:
         raise ValueError(f"--ways must be >= 2, got {args.ways}")
     _check_positive(args, ("shots", "queries", "test_queries", "train_episodes", "meta_batch",
-                           "val_episodes", "test_episodes", "atoms", "image_size", "eval_batch"))
+                           "val_episodes", "test_episodes", "atoms", "image_size", "eval_batch",
+                           "fce_steps", "pretrain_epochs", "pretrain_batch", "head_epochs"))
     _check_positive(args, ("inner_steps", "test_inner_steps", "val_every", "workers"), minimum=0)
     if not 0.0 <= args.atom_drop < 1.0:
         raise ValueError(f"--atom-drop must be in [0, 1), got {args.atom_drop}")
@@ -121,16 +141,18 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--acdc {args.acdc} needs --group-size (channels per group, e.g. 16)")
     if not grouped and args.group_size is not None:
         raise ValueError(f"--group-size applies only to the grouped scopes g-net, g-block, g-layer, not --acdc {args.acdc}")
+    own = METHOD_OPTIONS.get(args.method, {})
     for method, options in METHOD_OPTIONS.items():
-        if args.method == method:
-            continue
         for name in options:
-            if getattr(args, name) is not None:
-                raise ValueError(f"--{name.replace('_', '-')} does not apply to --method {args.method} (only to {method})")
-    if args.method in METHOD_OPTIONS:
-        for name in METHOD_OPTIONS[args.method]:
-            if getattr(args, name) is None and name in METHOD_DEFAULTS:
-                setattr(args, name, METHOD_DEFAULTS[name])
+            if name not in own and getattr(args, name) is not None:
+                users = [m for m, o in METHOD_OPTIONS.items() if name in o]
+                raise ValueError(f"--{name.replace('_', '-')} does not apply to --method {args.method} "
+                                 f"(only to {', '.join(users)})")
+    for name in own:
+        if getattr(args, name) is None and name in METHOD_DEFAULTS:
+            setattr(args, name, METHOD_DEFAULTS[name])
+    if args.meta_batch is None:
+        args.meta_batch = 4 if args.method == "maml" else 1
         if args.method == "maml":
             args.test_inner_steps = args.inner_steps if args.test_inner_steps is None else args.test_inner_steps
             args.test_inner_lr = args.inner_lr if args.test_inner_lr is None else args.test_inner_lr
@@ -144,23 +166,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.image_size = 28 if args.dataset == "glyphs" else 84
     if args.stem is not None and not args.backbone.startswith("resnet"):
         raise ValueError(f"--stem applies to the ResNet backbones, not --backbone {args.backbone}")
-    args.device = _device(args.device)
+    args.device = str(resolve_device(args.device))
     if args.out is None:
         acdc = args.acdc if args.acdc == "none" else f"acdc-{args.acdc}-m{args.atoms}"
         args.out = str(Path("runs") / f"{args.dataset}_{args.method}_{args.backbone}_{acdc}_{args.ways}w{args.shots}s")
     return args
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    return name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,7 +191,12 @@ def model_spec(args: argparse.Namespace, in_channels: int):
 
 def learner_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method-specific options of ``create_learner``."""
-    return {name: getattr(args, name) for name in METHOD_OPTIONS.get(args.method, ())}
+    options = METHOD_OPTIONS.get(args.method, {})
+    return {
+        keyword: getattr(args, name)
+        for name, keyword in options.items()
+        if keyword is not None and getattr(args, name) is not None
+    }
 
 
 def build_learner(args: argparse.Namespace, in_channels: int):
@@ -210,9 +225,27 @@ def episode_source(args: argparse.Namespace, split: str, episodes: int, seed: in
     return EpisodeSampler(dataset, args.ways, args.shots, queries, episodes, seed, transform=transform)
 
 
+def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path) -> dict[str, Any]:
+    """Baseline / Baseline++ training: supervised on the base (train) classes, Chen et al.'s recipe
+    (Adam at --lr, batch 16, 400 epochs, standard augmentation), through the shared supervised loop."""
+    from fewshot.data.classification import load_classification_data
+    from fewshot.training.distributed import DistInfo
+    from fewshot.training.supervised import LoopConfig, OptimConfig, fit
+
+    data = load_classification_data(args.dataset, args.data_root, image_size=args.image_size)
+    model = learner.pretrain_model(data.num_classes)
+    optim = OptimConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, schedule="constant")
+    loop = LoopConfig(epochs=args.pretrain_epochs, batch_size=args.pretrain_batch, workers=args.workers,
+                      seed=args.seed, progress=not args.no_progress)
+    resume = out / "pretrain" / "checkpoint.pt" if args.resume else None
+    metrics = fit(model, data, optim, loop, info=DistInfo(device=torch.device(args.device)),
+                  run_dir=out / "pretrain", meta=spec, resume=resume)
+    return {"pretrain_top1": metrics.get("top1"), "pretrain_epochs": metrics.get("epoch")}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (unless --eval-only) and evaluate; returns the JSON result that is also written."""
-    from fewshot.training.checkpoint import check_model_spec, load_checkpoint, load_model_state
+    from fewshot.training.checkpoint import check_model_spec, load_checkpoint, load_model_state, save_checkpoint
     from fewshot.training.episodic import BEST, LAST, EpisodicSchedule, train_episodic
 
     args = resolve(args)
@@ -220,34 +253,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     # Everything that can fail on the user's input is checked before anything is written.
     test_episodes = episode_source(args, "test", args.test_episodes, args.test_seed, train=False)
-    if not args.eval_only:
+    torch.manual_seed(args.seed)
+    learner, spec = build_learner(args, test_episodes.dataset.channels)
+    episodic = learner.training_mode == "episodic"
+    resume_point = out / LAST if episodic else out / "pretrain" / "checkpoint.pt"
+    if args.eval_only:
+        state = load_checkpoint(args.checkpoint, map_location=args.device)
+        check_model_spec(state.get("meta"), spec, args.checkpoint)
+        load_model_state(learner, state["model"], source=args.checkpoint)
+    elif args.resume and not resume_point.is_file():
+        raise FileNotFoundError(f"--resume: {resume_point} does not exist; start without --resume")
+    elif not args.resume and (resume_point.exists() or (out / BEST).exists()):
+        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    if not args.eval_only and episodic:
         train_episodes = episode_source(args, "train", args.train_episodes, args.seed, train=True)
         val_episodes = episode_source(args, "val", args.val_episodes, args.test_seed + 1, train=False)
         schedule = EpisodicSchedule(
             meta_steps=max(1, args.train_episodes // args.meta_batch), meta_batch=args.meta_batch,
             lr=args.lr, val_every=args.val_every, num_workers=args.workers, eval_batch=args.eval_batch,
         )
-    torch.manual_seed(args.seed)
-    learner, spec = build_learner(args, test_episodes.dataset.channels)
-    if args.eval_only:
-        state = load_checkpoint(args.checkpoint, map_location=args.device)
-        check_model_spec(state.get("meta"), spec, args.checkpoint)
-        load_model_state(learner, state["model"], source=args.checkpoint)
-    elif args.resume and not (out / LAST).is_file():
-        raise FileNotFoundError(f"--resume: {out / LAST} does not exist; start without --resume")
-    elif not args.resume and (out / LAST).exists():
-        raise ValueError(f"--out {out} already holds a run (last.pt); pass --resume to continue it "
-                         f"or choose another --out")
 
     out.mkdir(parents=True, exist_ok=True)
     save_config(args, out / ("eval_config.yaml" if args.eval_only else "config.yaml"))
     summary: dict[str, Any] = {}
-    if not args.eval_only:
+    if not args.eval_only and episodic:
         summary = train_episodic(
             learner, train_episodes, val_episodes, schedule, out, spec=spec, config=vars(args),
             device=args.device, resume=args.resume, progress=not args.no_progress,
         )
         load_model_state(learner, load_checkpoint(out / BEST, map_location=args.device)["model"])
+    elif not args.eval_only:
+        summary = pretrain_on_base_classes(learner, args, spec, out)
+        save_checkpoint(out / BEST, model=learner, meta=spec, config=vars(args))
     learner.eval()
     result = evaluate(learner, test_episodes, device=args.device, progress=not args.no_progress,
                       total=args.test_episodes, batch=args.eval_batch)

@@ -30,6 +30,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
+from fewshot.data.transforms import GLYPHS_MEAN, GLYPHS_STD, IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "ClassificationData",
     "TensorImageDataset",
@@ -48,8 +50,10 @@ CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-GRAY_STATS = ((0.5,), (0.5,))
+# The same statistics as the episode transforms, so that pretrained features meet test episodes
+# normalized the same way.
+IMAGENET_STATS = (IMAGENET_MEAN, IMAGENET_STD)
+GLYPHS_STATS = (GLYPHS_MEAN, GLYPHS_STD)
 CLASSIFICATION_DATASETS = ("cifar10", "cifar100", "imagefolder", "imagenet", "tinyimagenet")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -492,6 +496,6 @@ def _fewshot_base_classes(name: str, root: str | Path | None, image_size: int | 
     val = _Subset(base, val_idx, classes) if val_idx else None
     flip = channels == 3  # glyphs (1 channel) are letters: a mirrored letter is another letter
     t_train, t_eval = fixed_size_transforms(size, augment, flip=flip, padding=max(2, size // 8))
-    mean, std = IMAGENET_STATS if channels == 3 else GRAY_STATS
+    mean, std = IMAGENET_STATS if channels == 3 else GLYPHS_STATS
     return ClassificationData(name, train, val, classes, size, channels, mean, std, t_train, t_eval,
                               "" if root is None else str(root), {"split": "train", "holdout": holdout})
