@@ -240,3 +240,17 @@ def test_vectorized_meta_batch_equals_task_loop(options: dict, acdc: bool) -> No
         assert (grads_batched[name] - grads_looped[name]).abs().max().item() <= 1e-10, name
     for logits, episode in zip(batched.predict_batch(episodes), episodes):
         assert (logits - looped.predict(episode)).abs().max().item() <= 1e-10
+
+
+def test_atom_drop_under_vmap_draws_a_mask_per_task() -> None:
+    from fewshot.acdc import convert
+
+    torch.manual_seed(0)
+    learner = make_learner(convert(TinyNet(channels=8), "net", atoms=4, atom_drop=0.5))
+    episode = make_episode(seed=11)
+    torch.manual_seed(1)
+    _, logits = learner.batch_loss([episode, episode])  # the same task twice in one vmap
+    assert not torch.allclose(logits[0], logits[1])
+    learner.eval()  # no atom-drop: the two copies agree
+    _, logits = learner.batch_loss([episode, episode])
+    assert torch.allclose(logits[0], logits[1], atol=1e-12, rtol=0)

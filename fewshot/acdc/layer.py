@@ -275,8 +275,9 @@ class ACDCConv2d(nn.Module):
         p = self.atom_drop
         if not self.training or p == 0.0:
             return None
-        keep = torch.empty(self.atoms.shape[:-2], device=self.atoms.device, dtype=self.atoms.dtype)
-        return keep.bernoulli_(1.0 - p) / (1.0 - p)
+        # Out of place, so that under torch.func.vmap(randomness="different") each task draws its own.
+        keep = torch.full(self.atoms.shape[:-2], 1.0 - p, device=self.atoms.device, dtype=self.atoms.dtype)
+        return torch.bernoulli(keep) / (1.0 - p)
 
     def kernel(self, atom_mask: Optional[Tensor] = None) -> Tensor:
         """The ``F.conv2d`` weight, ``(c_out, c_in / conv_groups, kh, kw)``, before the channel shuffle.
