@@ -27,7 +27,7 @@ DATASETS = ("miniimagenet", "glyphs")
 METHOD_OPTIONS: dict[str, dict[str, str | None]] = {
     "maml": {"inner_steps": "inner_steps", "inner_lr": "inner_lr", "test_inner_steps": "test_inner_steps",
              "test_inner_lr": "test_inner_lr", "first_order": "first_order", "adapt": "adapt",
-             "learn_inner_lr": "learn_inner_lr", "bn_mode": "bn_mode"},
+             "learn_inner_lr": "learn_inner_lr", "bn_mode": "bn_mode", "vectorize": "vectorize"},
     "matchingnet": {"fce": "fce", "fce_steps": "fce_steps"},
     "relationnet": {"relation_loss": "loss"},
     "baseline": {"pretrain_epochs": None, "pretrain_batch": None, "head_epochs": "head_epochs"},
@@ -36,7 +36,8 @@ METHOD_OPTIONS: dict[str, dict[str, str | None]] = {
 # Defaults of the method options (Chen et al.'s settings); options left out here default in the learner.
 METHOD_DEFAULTS: dict[str, Any] = {
     "inner_steps": 5, "inner_lr": 0.01, "first_order": False, "adapt": "all",
-    "learn_inner_lr": False, "bn_mode": "transductive", "pretrain_epochs": 400, "pretrain_batch": 16,
+    "learn_inner_lr": False, "bn_mode": "transductive", "vectorize": False,
+    "pretrain_epochs": 400, "pretrain_batch": 16,
 }
 
 
@@ -65,6 +66,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     model.add_argument("--backbone", choices=FEWSHOT_BACKBONES, default="resnet10")
     model.add_argument("--stem", choices=("imagenet", "small"), default=None,
                        help="ResNet stem: imagenet (7x7/2 + max-pool, Chen et al.) or small (3x3/1)")
+    model.add_argument("--width", type=int, default=None,
+                       help="channels of the first stage (ResNets: 64 = Chen et al.; conv4: 64)")
     model.add_argument("--acdc", choices=ACDC_CHOICES, default="none")
     model.add_argument("--atoms", type=int, default=8)
     model.add_argument("--group-size", type=int, default=None)
@@ -93,6 +96,9 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     maml.add_argument("--learn-inner-lr", action="store_true", default=None,
                       help="learn a step size per tensor and step (Meta-SGD / MAML++)")
     maml.add_argument("--bn-mode", choices=("transductive", "support"), default=None)
+    maml.add_argument("--vectorize", action="store_true", default=None,
+                      help="run the tasks of a meta-batch and the test episodes of an --eval-batch "
+                           "through one torch.func.vmap (faster for narrow networks)")
     other = p.add_argument_group("MatchingNet, RelationNet, Baseline/Baseline++")
     other.add_argument("--fce", action=argparse.BooleanOptionalAction, default=None,
                        help="matchingnet: full-context embeddings (default on)")
@@ -132,7 +138,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--ways must be >= 2, got {args.ways}")
     _check_positive(args, ("shots", "queries", "test_queries", "train_episodes", "meta_batch",
                            "val_episodes", "test_episodes", "atoms", "image_size", "eval_batch",
-                           "fce_steps", "pretrain_epochs", "pretrain_batch", "head_epochs"))
+                           "fce_steps", "pretrain_epochs", "pretrain_batch", "head_epochs", "width"))
     _check_positive(args, ("inner_steps", "test_inner_steps", "val_every", "workers"), minimum=0)
     if not 0.0 <= args.atom_drop < 1.0:
         raise ValueError(f"--atom-drop must be in [0, 1), got {args.atom_drop}")
@@ -183,6 +189,8 @@ def model_spec(args: argparse.Namespace, in_channels: int):
         kwargs["stem"] = args.stem or "imagenet"
     if args.backbone == "conv4":
         kwargs["image_size"] = args.image_size
+    if args.width is not None:
+        kwargs["width"] = args.width
     return ModelSpec(
         backbone=args.backbone, acdc=None if args.acdc == "none" else args.acdc, atoms=args.atoms,
         group_size=args.group_size, kwargs=kwargs,

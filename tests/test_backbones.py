@@ -137,7 +137,7 @@ def test_num_classes_adds_a_linear_head_and_zero_returns_features():
 
 def test_options_are_the_builders_keyword_arguments():
     assert backbone_options("conv4") == ["image_size", "width", "in_channels"]
-    assert backbone_options("resnet18") == ["stem", "in_channels"]
+    assert backbone_options("resnet18") == ["stem", "in_channels", "width"]
     assert backbone_options("wrn") == ["depth", "widen_factor", "dropout", "in_channels"]
     assert backbone_options("vgg16_cifar") == ["in_channels"]
 
@@ -334,3 +334,18 @@ def test_bad_acdc_arguments_raise_one_clear_error(kw, message):
 
 def test_dense_is_none_or_the_string_none():
     assert n_params(meta("resnet10", acdc="none")) == n_params(meta("resnet10", acdc=None)) == 4_905_792
+
+
+def test_fewshot_resnet_width_scales_every_stage():
+    model = create_backbone("resnet10", width=16)
+    assert model.out_features == 128
+    assert [model.layer1[0].conv1.out_channels, model.layer4[0].conv1.out_channels] == [16, 128]
+    w, stages = 16, [16, 32, 64, 128]
+    expected = 49 * 3 * w + 2 * w  # 7x7 stem + BatchNorm
+    for c_in, c in zip([w] + stages[:-1], stages):
+        expected += 9 * c_in * c + 9 * c * c + 2 * 2 * c  # two 3x3 convs + two BatchNorms
+        if c_in != c:
+            expected += c_in * c + 2 * c  # 1x1 shortcut + BatchNorm
+    assert sum(p.numel() for p in model.parameters()) == expected == 309_456
+    with pytest.raises(ValueError, match="width must be an integer >= 1, got 0"):
+        create_backbone("resnet18", width=0)

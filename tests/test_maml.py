@@ -52,9 +52,10 @@ def higher_meta_gradients(learner: MAML, episodes: list[Episode], first_order: b
     return dict(zip(names, total))
 
 
+@pytest.mark.parametrize("vectorize", [False, True])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_meta_gradient_matches_higher(first_order: bool) -> None:
-    learner = make_learner(TinyNet(), first_order=first_order)
+def test_meta_gradient_matches_higher(first_order: bool, vectorize: bool) -> None:
+    learner = make_learner(TinyNet(), first_order=first_order, vectorize=vectorize)
     episodes = [make_episode(seed=s) for s in range(2)]
     ours = meta_gradients(learner, episodes)
     ref = higher_meta_gradients(learner, episodes, first_order)
@@ -168,7 +169,7 @@ def acdc_tiny(scope: str = "net", **kw) -> nn.Module:
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("scope,kw", [("net", {}), ("g-net", {"group_size": 4})])
 def test_acdc_meta_gradient_matches_higher(first_order: bool, scope: str, kw: dict) -> None:
-    learner = make_learner(acdc_tiny(scope, **kw), first_order=first_order)
+    learner = make_learner(acdc_tiny(scope, **kw), first_order=first_order, vectorize=True)
     names = [n for n, _ in learner.named_parameters()]
     assert sum(n.endswith(".coefficients") for n in names) == 1  # shared across both convs: listed once
     episodes = [make_episode(seed=s) for s in range(2)]
@@ -230,7 +231,7 @@ def test_inner_loop_leaves_the_model_untouched() -> None:
 @pytest.mark.parametrize("acdc", [False, True])
 def test_vectorized_meta_batch_equals_task_loop(options: dict, acdc: bool) -> None:
     backbone = acdc_tiny("g-net", group_size=4) if acdc else TinyNet()
-    batched = make_learner(backbone, **options)
+    batched = make_learner(backbone, vectorize=True, **options)
     looped = copy.deepcopy(batched)
     looped.vectorize = False
     episodes = [make_episode(seed=s) for s in range(3)]
@@ -246,7 +247,7 @@ def test_atom_drop_under_vmap_draws_a_mask_per_task() -> None:
     from fewshot.acdc import convert
 
     torch.manual_seed(0)
-    learner = make_learner(convert(TinyNet(channels=8), "net", atoms=4, atom_drop=0.5))
+    learner = make_learner(convert(TinyNet(channels=8), "net", atoms=4, atom_drop=0.5), vectorize=True)
     episode = make_episode(seed=11)
     torch.manual_seed(1)
     _, logits = learner.batch_loss([episode, episode])  # the same task twice in one vmap

@@ -8,7 +8,7 @@ inner loop adapts it as one tensor that every layer then uses.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Sequence
 
 import torch
@@ -100,17 +100,16 @@ def _batch_norm(
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     shape = (1, -1) + (1,) * (input.dim() - 2)
     if use_batch:
-        dims = [0, *range(2, input.dim())]
-        mean = input.mean(dims, keepdim=True)
-        var = input.var(dims, unbiased=False, keepdim=True)
+        var, mean = torch.var_mean(input, [0, *range(2, input.dim())], unbiased=False, keepdim=True)
     else:
         mean, var = running_mean.view(shape), running_var.view(shape)
-    out = (input - mean) * torch.rsqrt(var + eps)
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
-        out = out * weight.view(shape)
+        scale = scale * weight.view(shape)
+    shift = -mean * scale
     if bias is not None:
-        out = out + bias.view(shape)
-    return out
+        shift = shift + bias.view(shape)
+    return input * scale + shift  # two passes over the activations
 
 
 @register_learner("maml")
@@ -128,7 +127,9 @@ class MAML(Learner):
         bn_mode: ``transductive`` (BatchNorm uses the statistics of the batch it sees, as Chen et al.)
             or ``support`` (query images are normalized with the adapted support set's statistics).
         vectorize: run the tasks of a meta-batch (and episodes predicted together) as one batch
-            through ``torch.func.vmap`` instead of one after the other; same results.
+            through ``torch.func.vmap`` instead of one after the other; same results. On a 2-core CPU
+            this pays for narrow networks (per-op overhead dominates) and costs for Chen et al.'s
+            full-width ResNets (vmapped convs become grouped convs): see benchmarks/README.md.
     """
 
     def __init__(
@@ -144,7 +145,7 @@ class MAML(Learner):
         adapt: str = "all",
         learn_inner_lr: bool = False,
         bn_mode: str = "transductive",
-        vectorize: bool = True,
+        vectorize: bool = False,
     ) -> None:
         super().__init__(backbone, ways)
         for flag, value in (("inner_steps", inner_steps), ("test_inner_steps", test_inner_steps)):
@@ -342,8 +343,10 @@ class MAML(Learner):
         def task(weights: dict[str, Tensor], *tensors: Tensor) -> Tensor:
             return self._task(weights, tensors, training)
 
-        # randomness="different": each task draws its own atom-drop masks, as in a loop.
-        with _CompositeBatchNorm():
+        # randomness="different": each task draws its own atom-drop masks, as in a loop. The fused
+        # batch norm is exact to first order under vmap; second order needs the elementary form.
+        second_order = training and not self.first_order
+        with _CompositeBatchNorm() if second_order else nullcontext():
             return torch.func.vmap(task, in_dims=(None, 0, 0, 0), randomness="different")(params, *stacked)
 
 

@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Cost of ACDC-net over the dense network: forward+backward of one batch, interleaved, median ratio.
+
+For each backbone (ResNet10, ResNet18 with Chen et al.'s ImageNet stem, 84×84), the dense network and its
+ACDC-net conversion (m=8 atoms, coefficients shared net-wide, atom-drop ``--atom-drop`` in training mode)
+run the same batch (``--batch`` 80 = one 5-way 1-shot 15-query episode's images) through backbone + a
+linear head, cross-entropy, backward (gradients only, no optimizer step). Round ``r`` times each once, in
+alternating order; ``ratio`` is the median over rounds of ACDC time / dense time of that round
+(``ratio_of_medians`` is the other common summary).
+
+    python benchmarks/acdc_overhead.py                      # ResNet10 and ResNet18, 15 rounds
+    python benchmarks/acdc_overhead.py --device cuda --batch 256
+
+Writes ``benchmarks/results/acdc_overhead.json`` (or ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from fewshot.config import cli_main  # noqa: E402
+from fewshot.training.distributed import resolve_device  # noqa: E402
+
+BACKBONE_CHOICES = ("resnet10", "resnet18", "conv4")
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbones", nargs="+", choices=BACKBONE_CHOICES, default=["resnet10", "resnet18"])
+    p.add_argument("--batch", type=int, default=80)
+    p.add_argument("--image-size", type=int, default=84)
+    p.add_argument("--classes", type=int, default=5, help="size of the linear head")
+    p.add_argument("--atoms", type=int, default=8)
+    p.add_argument("--atom-drop", type=float, default=0.1, help="ACDC atom-drop (training mode; default 0.1)")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2, help="untimed passes of each network first")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/acdc_overhead.json)")
+    args = p.parse_args(argv)
+    for name in ("batch", "image_size", "classes", "atoms", "rounds"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    return args
+
+
+def build(backbone: str, acdc: bool, args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """Backbone + linear head in training mode; the dense and ACDC variants start from the same seed."""
+    from fewshot import create_backbone
+
+    torch.manual_seed(0)
+    options = {"image_size": args.image_size} if backbone == "conv4" else {"stem": "imagenet"}
+    extra = {"acdc": "net", "atoms": args.atoms, "atom_drop": args.atom_drop} if acdc else {}
+    return create_backbone(backbone, num_classes=args.classes, **options, **extra).to(device).train()
+
+
+def forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+
+    return step
+
+
+def measure(backbone: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
+    labels = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
+    models = {"dense": build(backbone, False, args, device), "acdc": build(backbone, True, args, device)}
+    steps = {name: forward_backward(m, images, labels) for name, m in models.items()}
+    sync = common.synchronizer(device)
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+
+    def progress(r: int, seconds: dict[str, float]) -> None:
+        print(f"  {backbone} round {r + 1}/{args.rounds}: dense {1000 * seconds['dense']:.1f} ms  "
+              f"acdc {1000 * seconds['acdc']:.1f} ms", flush=True)
+
+    times = common.interleaved_times(steps, args.rounds, sync, progress)
+    ratios = [a / d for a, d in zip(times["acdc"], times["dense"])]
+    stats = {name: common.summarize_ms(t) for name, t in times.items()}
+    q1, ratio, q3 = common.quartiles(ratios)
+    row = {
+        "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
+        "dense_ms": stats["dense"]["median_ms"],
+        "acdc_ms": stats["acdc"]["median_ms"],
+        "ratio": round(ratio, 4),
+        "ratio_iqr": round(q3 - q1, 4),
+        "ratio_of_medians": round(stats["acdc"]["median_ms"] / stats["dense"]["median_ms"], 4),
+        "round_ratios": [round(x, 4) for x in ratios],
+        "contenders": stats,
+    }
+    if device.type == "cuda":
+        for name, step in steps.items():
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            sync()
+            stats[name]["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return row
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    device = resolve_device(args.device)
+    common.set_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    start = time.perf_counter()
+    result: dict[str, Any] = {
+        "benchmark": "acdc_overhead",
+        "command": "python benchmarks/acdc_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": common.machine(device),
+        "settings": {
+            "batch": args.batch, "image_size": args.image_size, "stem": "imagenet (ResNets)",
+            "classes": args.classes, "acdc": "net", "atoms": args.atoms, "atom_drop": args.atom_drop,
+            "rounds": args.rounds, "warmup": args.warmup,
+        },
+        "notes": "ratio = median over rounds of (ACDC ms / dense ms) within the round; > 1: ACDC is slower.",
+        "backbones": {},
+    }
+    for backbone in args.backbones:
+        row = measure(backbone, args, device)
+        result["backbones"][backbone] = row
+        print(f"{backbone}: dense {row['dense_ms']:.1f} ms, acdc-net {row['acdc_ms']:.1f} ms, "
+              f"ratio {row['ratio']:.3f} (IQR {row['ratio_iqr']:.3f})", flush=True)
+    result["machine"]["load_average_1min_at_end"] = common.load_average()
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    out = Path(args.out) if args.out else common.RESULTS / "acdc_overhead.json"
+    common.write_json(out, result)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

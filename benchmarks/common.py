@@ -1,0 +1,186 @@
+"""Shared helpers of the benchmark scripts: interleaved timing, robust summaries, peak memory, JSON.
+
+Timing protocol (every script): the contenders of one comparison are built once, warmed up, then timed
+round by round in ONE process; round ``r`` runs each contender once, in an order rotated by ``r``, so a
+slow spell of a shared machine hits every contender alike. Report medians and interquartile ranges;
+compare only figures of one interleaved run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROBE_PREFIX = "PROBE-RESULT "
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function waiting for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def rotated(names: Sequence[str], round_index: int) -> list[str]:
+    """``names`` rotated left by ``round_index`` (the order of that round)."""
+    k = round_index % len(names) if names else 0
+    return list(names[k:]) + list(names[:k])
+
+
+def interleaved_times(
+    contenders: Mapping[str, Callable[[], Any]],
+    rounds: int,
+    sync: Callable[[], None] = lambda: None,
+    on_round: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each contender, ``rounds`` calls each, interleaved round by round.
+
+    The clock is read after ``sync()`` on both sides, so queued GPU work is counted.
+    ``on_round(r, seconds_by_name)`` is called after each round (progress printing).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    names = list(contenders)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        this_round: dict[str, float] = {}
+        for name in rotated(names, r):
+            sync()
+            start = time.perf_counter()
+            contenders[name]()
+            sync()
+            this_round[name] = time.perf_counter() - start
+            times[name].append(this_round[name])
+        if on_round is not None:
+            on_round(r, this_round)
+    return times
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile); inclusive method, so one value gives (v, v, v)."""
+    if not values:
+        raise ValueError("quartiles of an empty sequence")
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def summarize_ms(seconds: Sequence[float]) -> dict[str, Any]:
+    """Median, quartiles and interquartile range in milliseconds, plus every sample."""
+    ms = [1000.0 * s for s in seconds]
+    q1, median, q3 = quartiles(ms)
+    return {
+        "median_ms": round(median, 3),
+        "q1_ms": round(q1, 3),
+        "q3_ms": round(q3, 3),
+        "iqr_ms": round(q3 - q1, 3),
+        "samples": len(ms),
+        "times_ms": [round(t, 3) for t in ms],
+    }
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own memory map.
+    Not ``ru_maxrss``: Linux carries that across ``fork`` + ``exec``, so a probe started from a large
+    parent would report the parent's peak. Elsewhere ``ru_maxrss`` (bytes on macOS, KiB otherwise).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1.0 if sys.platform == "darwin" else 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def emit_probe(payload: Mapping[str, Any]) -> None:
+    """Print a probe's result as the one line :func:`run_probe` looks for."""
+    print(PROBE_PREFIX + json.dumps(dict(payload)), flush=True)
+
+
+def run_probe(script: Path, argv: Sequence[str], timeout: float | None = None) -> dict[str, Any]:
+    """Run ``python script *argv`` in a fresh process and return the payload of its ``emit_probe`` line.
+
+    A fresh interpreter per measurement makes its :func:`peak_rss_mib` the peak of that one contender
+    (plus the interpreter, torch and the model, which an ``idle`` probe measures on its own).
+    """
+    done = subprocess.run(
+        [sys.executable, str(script), *argv], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(PROBE_PREFIX):
+            return json.loads(line[len(PROBE_PREFIX):])
+    raise RuntimeError(
+        f"memory probe {script.name} {' '.join(argv)} failed (exit {done.returncode}):\n"
+        f"{done.stderr[-2000:]}"
+    )
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads`` when given (>= 1); None keeps torch's default."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on, including the load when the run started."""
+    info: dict[str, Any] = {
+        "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def load_average() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` atomically (the project's ``write_json_atomic``)."""
+    from fewshot.evaluation import write_json_atomic
+
+    return write_json_atomic(path, dict(payload))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; floats get one decimal."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

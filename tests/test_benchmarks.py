@@ -1,0 +1,164 @@
+"""Smoke runs of the benchmark scripts at tiny sizes: JSON keys, equivalence checks, timing helpers."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (the folder is scripts, not a package)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """The scripts' --threads sets torch's global thread count: restore it for the other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY_STEP = [
+    "--backbones", "conv4", "--image-size", "16", "--ways", "2", "--shots", "2", "--queries", "2",
+    "--meta-batch", "2", "--inner-steps", "1", "--rounds", "1", "--threads", "1",
+]
+
+
+# ------------------------------------------------------------------------------------------------ common
+def test_quartiles_and_summary() -> None:
+    common = load("common")
+    assert common.quartiles([5.0]) == (5.0, 5.0, 5.0)
+    assert common.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+    s = common.summarize_ms([0.001, 0.002, 0.003, 0.004, 0.010])
+    assert (s["median_ms"], s["q1_ms"], s["q3_ms"], s["iqr_ms"], s["samples"]) == (3.0, 2.0, 4.0, 2.0, 5)
+    assert s["times_ms"] == [1.0, 2.0, 3.0, 4.0, 10.0]
+
+
+def test_interleaved_rounds_rotate_the_order() -> None:
+    common = load("common")
+    calls: list[str] = []
+    contenders = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
+    times = common.interleaved_times(contenders, rounds=4)
+    assert calls == list("abc" "bca" "cab" "abc")
+    assert {n: len(t) for n, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        common.interleaved_times(contenders, rounds=0)
+
+
+def test_markdown_table() -> None:
+    common = load("common")
+    text = common.markdown_table(["x", "y"], [["a", 12.345], ["b", None]])
+    assert text.splitlines() == ["| x | y |", "|---|---|", "| a | 12.3 |", "| b | – |"]
+
+
+# ------------------------------------------------------------------------------------------------ maml_step
+def test_maml_step_smoke_and_meta_gradients_agree(tmp_path: Path) -> None:
+    maml_step = load("maml_step")
+    out = tmp_path / "maml_step.json"
+    result = maml_step.main(
+        TINY_STEP + ["--configs", "conv4-dense-first", "conv4-acdc-second", "--dtype", "float64",
+                     "--memory", "none", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert sorted(result["configs"]) == ["conv4-acdc-second", "conv4-dense-first"]
+    for name, row in result["configs"].items():
+        for key in ("ours_ms", "higher_ms", "loop_ms", "floor_ms", "ratio_vs_higher", "ratio_vs_floor", "parameters"):
+            assert row[key] > 0, (name, key)
+        assert row["ratio_vs_higher"] == pytest.approx(row["ours_ms"] / row["higher_ms"], rel=1e-3)
+        for contender in ("ours", "higher", "loop", "floor"):
+            assert row["contenders"][contender]["samples"] == 1
+            assert row["contenders"][contender]["iqr_ms"] == 0.0
+        # the same function: higher and the per-task loop give our meta-gradients (float64)
+        assert set(row["grad_rel_diff_vs_ours"]) == {"higher", "loop"}
+        assert max(row["grad_rel_diff_vs_ours"].values()) < 1e-10, name
+    assert result["configs"]["conv4-acdc-second"]["acdc"] == "net"
+    assert result["configs"]["conv4-acdc-second"]["first_order"] is False
+    if importlib.util.find_spec("learn2learn") is None:
+        assert result["learn2learn"].startswith("skipped: learn2learn is not importable")
+    table = out.with_suffix(".md").read_text().splitlines()
+    assert table[0].startswith("| configuration | params (M) | ours ms (IQR) | higher ms (IQR)")
+    assert len(table) == 4
+
+
+def test_maml_step_memory_probe_in_a_subprocess(tmp_path: Path) -> None:
+    maml_step, common = load("maml_step"), load("common")
+    ballast = torch.ones(400 * 2**20 // 4)  # 400 MiB resident in this (the parent) process
+    parent_peak = common.peak_rss_mib()
+    result = maml_step.main(
+        TINY_STEP + ["--configs", "conv4-dense-first", "--contenders", "floor", "--out", str(tmp_path / "m.json")]
+    )
+    row = result["configs"]["conv4-dense-first"]
+    assert set(row["contenders"]) == {"floor"}
+    assert row["contenders"]["floor"]["peak_rss_mib"] >= row["idle_rss_mib"] > 50  # torch alone is more
+    # the probe's own peak, not the parent's (ru_maxrss would carry the parent's over fork + exec)
+    assert row["contenders"]["floor"]["peak_rss_mib"] < parent_peak - 300
+    del ballast
+
+
+def test_maml_step_rejects_an_unknown_configuration() -> None:
+    maml_step = load("maml_step")
+    with pytest.raises(ValueError, match=r"--configs 'resnet9-\*' matches no configuration; valid: resnet10-dense-first"):
+        maml_step.select_configs(["resnet9-*"])
+    assert [c.name for c in maml_step.select_configs(["*-acdc-second"])] == [
+        "resnet10-acdc-second", "resnet18-acdc-second"
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def test_evaluate_smoke_same_accuracies(tmp_path: Path) -> None:
+    evaluate = load("evaluate")
+    result = evaluate.main([
+        "--backbone", "conv4", "--image-size", "16", "--ways", "3", "--queries", "3", "--episodes", "5",
+        "--batch", "2", "--steps", "2", "--lr", "0.5", "--threads", "1", "--dtype", "float64",
+        "--out", str(tmp_path / "evaluate.json"),
+    ])
+    ours, loop = (result["contenders"][n]["episode_accuracies"] for n in ("ours", "loop"))
+    assert len(ours) == 5 and ours == loop
+    assert result["identical"] is True and result["mismatched_episodes"] == []
+    assert len(set(ours)) > 1  # the episodes differ: a constant would not test anything
+    assert result["speedup"] > 0
+    assert len(result["contenders"]["ours"]["round_seconds"]) == 3  # rounds of 2, 2, 1 episodes
+    assert json.loads((tmp_path / "evaluate.json").read_text())["speedup"] == result["speedup"]
+
+
+def test_evaluate_loop_adapts_the_copy_not_the_model() -> None:
+    evaluate = load("evaluate")
+    args = evaluate.parse(["--backbone", "conv4", "--image-size", "16", "--ways", "2", "--queries", "2",
+                           "--dtype", "float64", "--steps", "2", "--lr", "0.5"])
+    learner = evaluate.build_learner(args, torch.device("cpu"))
+    before = {n: p.clone() for n, p in learner.state_dict().items()}
+    episode = evaluate.make_episode(0, args, torch.device("cpu"))
+    adapted = evaluate.loop_predict(learner, episode, args.steps, args.lr)
+    unadapted = evaluate.loop_predict(learner, episode, 0, args.lr)
+    assert all(torch.equal(before[n], p) for n, p in learner.state_dict().items())
+    assert (adapted - unadapted).abs().max() > 1e-3
+    assert torch.allclose(adapted, learner.predict(episode), atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------ acdc_overhead
+def test_acdc_overhead_smoke(tmp_path: Path) -> None:
+    acdc_overhead = load("acdc_overhead")
+    result = acdc_overhead.main([
+        "--backbones", "conv4", "--batch", "4", "--image-size", "16", "--rounds", "2", "--warmup", "0",
+        "--threads", "1", "--out", str(tmp_path / "acdc.json"),
+    ])
+    row = result["backbones"]["conv4"]
+    assert row["dense_ms"] > 0 and row["acdc_ms"] > 0 and row["ratio"] > 0
+    assert len(row["round_ratios"]) == 2
+    assert row["ratio"] == pytest.approx(sum(row["round_ratios"]) / 2, rel=1e-3)  # median of two
+    assert row["parameters"]["acdc"] < row["parameters"]["dense"]
+    assert json.loads((tmp_path / "acdc.json").read_text())["backbones"]["conv4"]["ratio"] == row["ratio"]
