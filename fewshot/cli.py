@@ -322,3 +322,13 @@ def main(argv: Sequence[str] | None = None, method: str | None = None) -> dict[s
         return run(args)
 
     return _main()
+
+
+def maml_main() -> None:
+    """Console script ``fewshot-maml``: the same as ``python run_maml.py``."""
+    main(method="maml")
+
+
+def fewshot_main() -> None:
+    """Console script ``fewshot-run``: the same as ``python run_fewshot.py``."""
+    main()
