@@ -15,7 +15,6 @@ resumable, loadable in one process), ``log.jsonl`` (one line per epoch) and ``re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from fewshot.config import cli_main, parse_args_with_config, save_config, to_yaml_value
+from fewshot.io import write_json
 from fewshot.training.checkpoint import ModelSpec, check_model_spec, load_checkpoint, load_model_state
 
 ACDC_SCOPES = ("none", "net", "block", "layer", "g-net", "g-block", "g-layer")
@@ -251,16 +251,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **final, "wall_seconds": time.perf_counter() - started,
         }
         if info.is_main:
-            _write_json(out / RESULTS_NAME, results)
+            write_json(out / RESULTS_NAME, results)
         return results
     finally:
         cleanup_distributed()
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 @cli_main

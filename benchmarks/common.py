@@ -165,10 +165,10 @@ def load_average() -> float | None:
 
 
 def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
-    """Write ``payload`` atomically (the project's ``write_json_atomic``)."""
-    from fewshot.evaluation import write_json_atomic
+    """Write ``payload`` atomically (the project's ``fewshot.io.write_json``)."""
+    from fewshot.io import write_json
 
-    return write_json_atomic(path, dict(payload))
+    return write_json(path, dict(payload))
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

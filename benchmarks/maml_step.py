@@ -33,7 +33,6 @@ Writes ``benchmarks/results/maml_step.json`` (or ``--out``) and a markdown table
 from __future__ import annotations
 
 import argparse
-import copy
 import fnmatch
 import sys
 import time

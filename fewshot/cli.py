@@ -16,7 +16,8 @@ import torch
 
 from fewshot.acdc import SCOPES
 from fewshot.config import cli_main, parse_args_with_config, save_config
-from fewshot.evaluation import evaluate, result_record, write_json_atomic
+from fewshot.evaluation import evaluate, result_record
+from fewshot.io import write_json
 from fewshot.training.distributed import resolve_device
 
 FEWSHOT_BACKBONES = ("conv4", "resnet10", "resnet18", "resnet34")
@@ -304,7 +305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds=round(time.perf_counter() - started, 1), device=args.device, seed=args.seed,
         test_seed=args.test_seed, checkpoint=args.checkpoint, **summary,
     )
-    write_json_atomic(out / "result.json", record)
+    write_json(out / "result.json", record)
     print(f"{args.method} {args.backbone} acdc={args.acdc} {args.dataset} {args.ways}-way {args.shots}-shot: "
           f"{result.mean:.2f}% ± {result.ci95:.2f}% over {result.episodes} test episodes "
           f"({record['seconds']:.0f} s; {out / 'result.json'})")

@@ -14,11 +14,12 @@ import argparse
 import functools
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import yaml
+
+from fewshot.io import atomic_write
 
 __all__ = ["ConfigError", "parse_args_with_config", "load_config_file", "save_config", "to_yaml_value", "cli_main"]
 
@@ -186,19 +187,8 @@ def save_config(namespace: argparse.Namespace | dict[str, Any], path: str | os.P
     """
     items = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace)
     data = {k: to_yaml_value(v) for k, v in items.items() if k != CONFIG_DEST}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.write(text))
 
 
 def cli_main(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,12 +1,8 @@
 """The one place that turns test episodes into mean accuracy ± 95% confidence interval."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -89,22 +85,6 @@ def evaluate(
     if not accuracies:
         raise ValueError("no episodes to evaluate: the episode source was empty")
     return EvaluationResult(accuracies)
-
-
-def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` as indented JSON through a temporary file, so no half-written file remains."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def result_record(result: EvaluationResult, **metadata: Any) -> dict[str, Any]:

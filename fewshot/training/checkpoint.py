@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,6 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from torch import nn
+
+from fewshot.io import atomic_write
 
 __all__ = [
     "FORMAT",
@@ -236,26 +237,13 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
     stored as given (state dicts of optimizer / scheduler / scaler, ``progress``, ``rng``, ``config``, ...)
     and must be weights_only-loadable: tensors, numbers, strings, None, lists, tuples, dicts.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {"format": FORMAT, "version": VERSION}
     if model is not None:
         payload["model"] = model_state_dict(model)
     if meta is not None:
         payload["meta"] = meta.to_dict() if isinstance(meta, ModelSpec) else dict(meta)
     payload.update(entries)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f), binary=True)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
