@@ -58,6 +58,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         from fewshot.learners import list_learners
 
         p.add_argument("--method", required=True, choices=list_learners())
+    else:  # fixed; accepted (with that one value) so that a run's saved config.yaml reloads
+        p.add_argument("--method", choices=(method,), default=method, help=argparse.SUPPRESS)
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="miniimagenet")
     data.add_argument("--data-root", default=None, help="miniImageNet folder (see data/miniimagenet/README.md)")
@@ -160,15 +162,18 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, name, METHOD_DEFAULTS[name])
     if args.meta_batch is None:
         args.meta_batch = 4 if args.method == "maml" else 1
-        if args.method == "maml":
-            args.test_inner_steps = args.inner_steps if args.test_inner_steps is None else args.test_inner_steps
-            args.test_inner_lr = args.inner_lr if args.test_inner_lr is None else args.test_inner_lr
+    if args.method == "maml":
+        args.test_inner_steps = args.inner_steps if args.test_inner_steps is None else args.test_inner_steps
+        args.test_inner_lr = args.inner_lr if args.test_inner_lr is None else args.test_inner_lr
     if args.eval_only and args.checkpoint is None:
         raise ValueError("--eval-only needs --checkpoint PATH (a best.pt or last.pt of an earlier run)")
     if args.checkpoint is not None and not args.eval_only:
         raise ValueError("--checkpoint is read only with --eval-only; to continue training use --resume --out DIR")
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR, the folder of the run to continue")
+    if args.dataset == "miniimagenet" and args.data_root is None:
+        raise ValueError("--dataset miniimagenet needs --data-root DIR (how to obtain it: "
+                         "data/miniimagenet/README.md); --dataset glyphs runs with no download")
     if args.image_size is None:
         args.image_size = 28 if args.dataset == "glyphs" else 84
     if args.stem is not None and not args.backbone.startswith("resnet"):
@@ -228,7 +233,8 @@ def episode_source(args: argparse.Namespace, split: str, episodes: int, seed: in
     try:
         dataset = create_dataset(args.dataset, split, root=args.data_root, image_size=args.image_size)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err}. To try the toolkit without any download, use --dataset glyphs") from None
+        raise FileNotFoundError(f"{str(err).rstrip('.')}. To try the toolkit without any download, "
+                                "use --dataset glyphs") from None
     transform = build_transform(args.dataset, args.image_size, train=train)
     queries = args.queries if train else args.test_queries
     return EpisodeSampler(dataset, args.ways, args.shots, queries, episodes, seed, transform=transform)
@@ -317,10 +323,7 @@ def main(argv: Sequence[str] | None = None, method: str | None = None) -> dict[s
 
     @cli_main
     def _main() -> dict[str, Any]:
-        args = parse_args_with_config(build_parser(method), argv)
-        if method is not None:
-            args.method = method
-        return run(args)
+        return run(parse_args_with_config(build_parser(method), argv))
 
     return _main()
 

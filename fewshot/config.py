@@ -82,6 +82,8 @@ def _convert_scalar(value: Any, action: argparse.Action, key: str, where: str) -
 
 def _convert(value: Any, action: argparse.Action, key: str, where: str) -> Any:
     """Convert a config value as argparse would have converted the same value given as a flag."""
+    if value is None and action.default is None:  # "not set", as a saved config writes it
+        return None
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: key {key!r} expects true or false, got {value!r}")

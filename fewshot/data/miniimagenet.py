@@ -69,8 +69,8 @@ def _looked_for(expected: dict[str, list[list[Path]]]) -> str:
     lines = []
     for i, (layout, alternatives) in enumerate(expected.items(), 1):
         options = " or ".join(" + ".join(p.name + ("/" if p.suffix == "" else "") for p in paths) for paths in alternatives)
-        lines.append(f"  {i}. {layout}: {options}")
-    return "\n".join(lines)
+        lines.append(f"({i}) {layout}: {options}")
+    return "; ".join(lines)
 
 
 def detect_layout(root: str | os.PathLike[str], split: str, layout: str | None = None) -> tuple[str, list[Path]]:
@@ -86,15 +86,15 @@ def detect_layout(root: str | os.PathLike[str], split: str, layout: str | None =
     if not root.is_dir():
         raise FileNotFoundError(
             f"miniImageNet root {str(root)!r} does not exist or is not a directory. Looked for one of these "
-            f"layouts for split {split!r}:\n{_looked_for(expected)}\nSee {README} for how to obtain miniImageNet."
+            f"layouts for split {split!r}: {_looked_for(expected)}. See {README} for how to obtain miniImageNet"
         )
     for name, alternatives in expected.items():
         for paths in alternatives:
             if all(p.exists() for p in paths):
                 return name, paths
     raise FileNotFoundError(
-        f"no miniImageNet layout found in {str(root)!r} for split {split!r}. Looked for:\n{_looked_for(expected)}\n"
-        f"See {README} for how to obtain miniImageNet and which layouts are accepted."
+        f"no miniImageNet layout found in {str(root)!r} for split {split!r}. Looked for: {_looked_for(expected)}. "
+        f"See {README} for how to obtain miniImageNet and which layouts are accepted"
     )
 
 
