@@ -59,6 +59,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--queries", type=int, default=15)
     p.add_argument("--image-size", type=int, default=84)
+    p.add_argument("--width", type=int, default=64, help="first-stage channels (64: Chen et al.)")
     p.add_argument("--steps", type=int, default=5, help="test-time inner steps")
     p.add_argument("--lr", type=float, default=0.01, help="test-time inner step size")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
@@ -96,8 +97,8 @@ def build_learner(args: argparse.Namespace, device: torch.device) -> MAML:
     torch.manual_seed(0)
     acdc = {"acdc": "net", "atoms": args.atoms} if args.acdc == "net" else {}
     options = {"image_size": args.image_size} if args.backbone == "conv4" else {"stem": "imagenet"}
-    backbone = create_backbone(args.backbone, **options, **acdc)
-    learner = MAML(backbone, ways=args.ways, test_inner_steps=args.steps, test_inner_lr=args.lr)
+    backbone = create_backbone(args.backbone, width=args.width, **options, **acdc)
+    learner = MAML(backbone, ways=args.ways, test_inner_steps=args.steps, test_inner_lr=args.lr, vectorize=True)
     return learner.to(device=device, dtype=DTYPES[args.dtype]).eval()
 
 
