@@ -14,6 +14,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: b
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results and checkpoints are ordinary files
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()

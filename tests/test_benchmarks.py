@@ -162,3 +162,18 @@ def test_acdc_overhead_smoke(tmp_path: Path) -> None:
     assert row["ratio"] == pytest.approx(sum(row["round_ratios"]) / 2, rel=1e-3)  # median of two
     assert row["parameters"]["acdc"] < row["parameters"]["dense"]
     assert json.loads((tmp_path / "acdc.json").read_text())["backbones"]["conv4"]["ratio"] == row["ratio"]
+
+
+def test_compare_methods_quick_writes_table_json_and_plot(tmp_path) -> None:
+    import json
+
+    compare_methods = load("compare_methods")
+    out = tmp_path / "runs"
+    compare_methods.main(["--quick", "--methods", "protonet", "--variants", "dense", "acdc-net",
+                          "--out-dir", str(out), "--results", str(tmp_path)])
+    payload = json.loads((tmp_path / "compare_methods.json").read_text())
+    records = payload["records"]
+    assert sorted((r["method"], r["acdc"]) for r in records) == [("protonet", "net"), ("protonet", "none")]
+    assert len({r["test_seed"] for r in records}) == 1  # the same test episodes for both
+    assert "| protonet |" in (tmp_path / "compare_methods.md").read_text()
+    assert (tmp_path / "compare_methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
