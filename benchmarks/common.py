@@ -28,6 +28,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PROBE_PREFIX = "PROBE-RESULT "
 
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def synthetic_episode(g: torch.Generator, args: Any, dtype: torch.dtype) -> Any:
+    """A synthetic episode whose classes differ by a per-channel mean, drawn from ``g``
+    (``args`` gives ways, shots, queries, image_size)."""
+    from fewshot.data.episode import Episode
+
+    means = torch.randn(args.ways, 3, 1, 1, generator=g)
+    labels_s = torch.arange(args.ways).repeat_interleave(args.shots)
+    labels_q = torch.arange(args.ways).repeat_interleave(args.queries)
+    shape = (3, args.image_size, args.image_size)
+    support = (means[labels_s] + torch.randn(len(labels_s), *shape, generator=g)).to(dtype)
+    query = (means[labels_q] + torch.randn(len(labels_q), *shape, generator=g)).to(dtype)
+    return Episode(support, labels_s, query, labels_q, torch.arange(args.ways))
+
+
 def synchronizer(device: torch.device) -> Callable[[], None]:
     """A function waiting for the device's queued work (a no-op on CPU)."""
     if device.type == "cuda":

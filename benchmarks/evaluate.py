@@ -37,6 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from common import DTYPES  # noqa: E402
 from fewshot.config import cli_main  # noqa: E402
 from fewshot.data.episode import Episode  # noqa: E402
 from fewshot.evaluation import EvaluationResult, episode_accuracy, evaluate  # noqa: E402
@@ -44,7 +45,6 @@ from fewshot.learners.maml import MAML  # noqa: E402
 from fewshot.training.distributed import resolve_device  # noqa: E402
 
 BACKBONE_CHOICES = ("resnet10", "resnet18", "conv4")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -80,14 +80,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def make_episode(index: int, args: argparse.Namespace, device: torch.device) -> Episode:
     """Synthetic test episode number ``index`` (its own seed: the same tensors for both contenders)."""
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
-    means = torch.randn(args.ways, 3, 1, 1, generator=g)
-    labels_s = torch.arange(args.ways).repeat_interleave(args.shots)
-    labels_q = torch.arange(args.ways).repeat_interleave(args.queries)
-    shape = (3, args.image_size, args.image_size)
-    dtype = DTYPES[args.dtype]
-    support = (means[labels_s] + torch.randn(len(labels_s), *shape, generator=g)).to(dtype)
-    query = (means[labels_q] + torch.randn(len(labels_q), *shape, generator=g)).to(dtype)
-    return Episode(support, labels_s, query, labels_q, torch.arange(args.ways)).to(device)
+    return common.synthetic_episode(g, args, DTYPES[args.dtype]).to(device)
 
 
 def build_learner(args: argparse.Namespace, device: torch.device) -> MAML:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from common import DTYPES  # noqa: E402
 from fewshot.config import cli_main  # noqa: E402
 from fewshot.data.episode import Episode  # noqa: E402
 from fewshot.learners.maml import MAML  # noqa: E402
@@ -55,7 +56,6 @@ DEFAULT_BACKBONES = ("resnet10", "resnet18")
 BACKBONE_CHOICES = ("resnet10", "resnet18", "conv4")
 CONTENDERS = ("ours", "higher", "loop", "floor", "learn2learn")
 PROBES = (*CONTENDERS, "idle")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -129,17 +129,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def make_episodes(args: argparse.Namespace, device: torch.device) -> list[Episode]:
     """``meta_batch`` synthetic episodes whose classes differ by a per-channel mean (fixed seed)."""
     g = torch.Generator().manual_seed(1234)
-    episodes = []
-    for _ in range(args.meta_batch):
-        means = torch.randn(args.ways, 3, 1, 1, generator=g)
-        labels_s = torch.arange(args.ways).repeat_interleave(args.shots)
-        labels_q = torch.arange(args.ways).repeat_interleave(args.queries)
-        shape = (3, args.image_size, args.image_size)
-        dtype = DTYPES[args.dtype]
-        support = (means[labels_s] + torch.randn(len(labels_s), *shape, generator=g)).to(dtype)
-        query = (means[labels_q] + torch.randn(len(labels_q), *shape, generator=g)).to(dtype)
-        episodes.append(Episode(support, labels_s, query, labels_q, torch.arange(args.ways)).to(device))
-    return episodes
+    return [common.synthetic_episode(g, args, DTYPES[args.dtype]).to(device) for _ in range(args.meta_batch)]
 
 
 def build_learner(config: Config, args: argparse.Namespace, device: torch.device, vectorize: bool = True) -> MAML:
