@@ -202,7 +202,8 @@ class MAML(Learner):
         # every conv that uses it.
         return functional_call(self, {**self._no_running_stats, **params}, (images,))
 
-    def _step_sizes(self, default: float, detach: bool) -> dict[str, Tensor | float] | None:
+    def _learned_step_sizes(self, detach: bool) -> dict[str, Tensor] | None:
+        """The learned inner step sizes (None without ``learn_inner_lr``); detached for evaluation."""
         if self.inner_lrs is None:
             return None
         return {n: (lr.detach() if detach else lr) for n, lr in self.inner_lrs.items()}
@@ -286,7 +287,7 @@ class MAML(Learner):
             steps, lr, first_order = self.inner_steps, self.inner_lr, self.first_order
         else:
             steps, lr, first_order = self.test_inner_steps, self.test_inner_lr, True
-        learned = self._step_sizes(lr, detach=not training)
+        learned = self._learned_step_sizes(detach=not training)
         fast = self.adapt_to_support(params, support_images, support_labels, steps, lr, first_order, learned)
         return self._query_logits(fast, support_images, query_images)
 

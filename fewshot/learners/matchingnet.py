@@ -72,7 +72,6 @@ class MatchingNet(Learner):
     * ``scale`` (float, default 100.0): multiplier of the (ReLU-clamped) cosine before the softmax.
     """
 
-    training_mode = "episodic"
 
     def __init__(
         self,

@@ -23,7 +23,6 @@ class ProtoNet(Learner):
     Takes no options. Works with episodes of any number of ways.
     """
 
-    training_mode = "episodic"
 
     def __init__(self, backbone: nn.Module, ways: int, **unknown) -> None:
         reject_unknown_options("protonet", unknown, ProtoNet.__init__)

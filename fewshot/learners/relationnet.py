@@ -57,7 +57,6 @@ class RelationNet(Learner):
     * ``hidden`` (int, default 8): width of the relation MLP's last hidden layer.
     """
 
-    training_mode = "episodic"
 
     def __init__(
         self, backbone: nn.Module, ways: int, *, loss: str = "mse", hidden: int = 8, **unknown
