@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fewshot.acdc import ACDCConv2d
 from fewshot.backbones import create_backbone
 
 PARAM_TOLERANCE = 0.01  # relative, with an absolute floor of PARAM_FLOOR millions
@@ -148,11 +149,20 @@ def count_macs(model: nn.Module, image_size: int = RATIO_IMAGE_SIZE) -> tuple[in
     """``(per_image, per_forward)`` multiply-adds of ``model`` on ``image_size`` RGB inputs (eval mode).
 
     ``per_image`` is the convolutions and linear layers (batch 2 minus batch 1); ``per_forward`` is the
-    work done once per forward pass whatever the batch size (the ACDC kernel reconstruction).
+    work done once per forward pass whatever the batch size (the ACDC kernel reconstruction). ACDC layers
+    are counted in their kernel form (``evaluation="kernel"``), whatever form they would pick at run time.
     """
     device = next(model.parameters()).device
     model.eval()
-    one, two = _flops(model, 1, image_size, device), _flops(model, 2, image_size, device)
+    acdc_layers = [m for m in model.modules() if isinstance(m, ACDCConv2d)]
+    settings = [m.evaluation for m in acdc_layers]
+    try:  # count the kernel form (the paper's): the two-stage form's cost depends on the batch
+        for m in acdc_layers:
+            m.evaluation = "kernel"
+        one, two = _flops(model, 1, image_size, device), _flops(model, 2, image_size, device)
+    finally:
+        for m, setting in zip(acdc_layers, settings):
+            m.evaluation = setting
     per_image = two - one
     return per_image // 2, (one - per_image) // 2  # FlopCounterMode counts a multiply-add as 2 FLOPs
 

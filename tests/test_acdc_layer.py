@@ -25,6 +25,12 @@ def dense_reference(conv: ACDCConv2d, x: torch.Tensor) -> torch.Tensor:
     return ref(x)
 
 
+def force_path(conv: ACDCConv2d, path: str) -> None:
+    """Make a plain layer always build its kernel ("kernel") or always run two-stage ("two-stage")."""
+    if not conv.grouped:
+        conv.evaluation = path
+
+
 LAYOUTS = [
     # (c_in, c_out, kernel, kwargs)
     (3, 5, 3, {}),
@@ -48,12 +54,14 @@ LAYOUTS = [
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize("c_in,c_out,kernel,kwargs", LAYOUTS)
 @pytest.mark.parametrize("shared_extra", [0, 3])  # 3: A larger than the corner the layer reads (net-style)
-def test_forward_equals_dense_kernel_and_two_sublayer_form(c_in, c_out, kernel, kwargs, shared_extra):
+@pytest.mark.parametrize("path", ["auto", "kernel", "two-stage"])
+def test_forward_equals_dense_kernel_and_two_sublayer_form(c_in, c_out, kernel, kwargs, shared_extra, path):
     torch.manual_seed(0)
     s = kwargs.get("group_size")
     rows, cols = (c_out, c_in) if s is None else (min(s, c_out), min(s, c_in))
     shared = SharedCoefficients(rows + shared_extra, cols + shared_extra, 5, dtype=torch.float64)
     conv = ACDCConv2d(c_in, c_out, kernel, shared=shared, dtype=torch.float64, **kwargs).eval()
+    force_path(conv, path)
     if conv.bias is not None:
         torch.nn.init.normal_(conv.bias)
     x = torch.randn(2, c_in, 9, 11, dtype=torch.float64)
@@ -217,3 +225,59 @@ def test_shared_too_small_and_atom_mismatch():
         ACDCConv2d(4, 8, 3, shared=shared)
     with pytest.raises(ValueError, match="atoms=5 but the shared coefficients hold 3 atoms"):
         ACDCConv2d(4, 4, 3, atoms=5, shared=shared)
+
+
+PLAIN_LAYOUTS = [layout for layout in LAYOUTS if "group_size" not in layout[3]]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("c_in,c_out,kernel,kwargs", PLAIN_LAYOUTS)
+def test_two_stage_gradients_equal_kernel_path_to_second_order(c_in, c_out, kernel, kwargs):
+    torch.manual_seed(1)
+    shared = SharedCoefficients(c_out + 2, c_in + 2, 4, dtype=torch.float64)
+    conv = ACDCConv2d(c_in, c_out, kernel, shared=shared, atom_drop=0.0, dtype=torch.float64, **kwargs)
+    x = torch.randn(3, c_in, 8, 9, dtype=torch.float64, requires_grad=True)
+    inputs = [x, *conv.parameters()]
+
+    def derivatives(path: str) -> list[torch.Tensor]:
+        force_path(conv, path)
+        first = torch.autograd.grad(conv(x).sin().sum(), inputs, create_graph=True)
+        penalty = sum((g ** 2).sum() for g in first)  # a second-order quantity, as in MAML
+        return [*first, *torch.autograd.grad(penalty, inputs)]
+
+    for a, b in zip(derivatives("kernel"), derivatives("two-stage")):
+        assert (a - b).abs().max().item() <= 1e-9 * max(1.0, b.abs().max().item())
+
+
+def test_two_stage_chosen_for_small_batches_of_deep_layers():
+    conv = ACDCConv2d(512, 512, 3, atoms=8, padding=1, bias=False)
+    small, large = torch.zeros(5, 512, 3, 3), torch.zeros(80, 512, 3, 3)
+    assert conv.prefers_two_stage(small, conv.padding)  # 45 * 8 = 360 <= 512 * 9
+    assert not conv.prefers_two_stage(large, conv.padding)  # 720 * 8 = 5760 > 4608
+    early = ACDCConv2d(64, 64, 3, atoms=8, padding=1, bias=False)
+    assert not early.prefers_two_stage(torch.zeros(5, 64, 21, 21), early.padding)  # 2205 * 8 > 576
+    strided = ACDCConv2d(256, 512, 3, atoms=8, padding=1, stride=2)
+    assert strided.prefers_two_stage(torch.zeros(5, 256, 6, 6), strided.padding)  # 3x3 outputs: 45 * 8
+    grouped = ACDCConv2d(8, 8, 3, atoms=2, group_size=4, padding=1)
+    assert not grouped.prefers_two_stage(torch.zeros(1, 8, 1, 1), grouped.padding)
+
+
+def test_two_stage_under_vmap_equals_per_example_calls():
+    torch.manual_seed(2)
+    conv = ACDCConv2d(6, 8, 3, atoms=3, padding=1, atom_drop=0.0, dtype=torch.float64)
+    force_path(conv, "two-stage")
+    params = {n: p.detach() for n, p in conv.named_parameters()}
+    batched = {n: torch.stack([p + 0.1 * k for k in range(3)]) for n, p in params.items()}
+    x = torch.randn(3, 2, 6, 5, 5, dtype=torch.float64)
+    run = lambda p, xi: torch.func.functional_call(conv, p, (xi,))  # noqa: E731
+    together = torch.func.vmap(run)(batched, x)
+    for k in range(3):
+        alone = run({n: t[k] for n, t in batched.items()}, x[k])
+        assert (together[k] - alone).abs().max().item() <= 1e-12
+
+
+def test_evaluation_setting_is_checked():
+    conv = ACDCConv2d(4, 4, 3, atoms=2)
+    assert conv.evaluation == "auto"
+    with pytest.raises(ValueError, match="evaluation must be one of auto, kernel, two-stage; got 'fast'"):
+        conv.evaluation = "fast"

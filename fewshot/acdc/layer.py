@@ -16,7 +16,7 @@ inputs through ``A[:s, :c_in]``. A ShuffleNet channel shuffle over the ``g`` out
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torch.nn.modules.utils import _pair
 __all__ = ["SharedCoefficients", "ACDCConv2d", "channel_shuffle", "grouped_layout_error", "PADDING_MODES"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+EVALUATIONS = ("auto", "kernel", "two-stage")
 _PaddingArg = Union[str, int, tuple[int, int]]
 
 
@@ -155,6 +156,18 @@ def _reversed_padding(padding: _PaddingArg, kernel_size: tuple[int, int],
     return [pw, pw, ph, ph]
 
 
+def _output_area(size: Sequence[int], padding: _PaddingArg, kernel_size: tuple[int, int],
+                 stride: tuple[int, int], dilation: tuple[int, int]) -> int:
+    """``H_out * W_out`` of a convolution of an ``H x W`` input (the formula of ``nn.Conv2d``)."""
+    if padding == "same":
+        return size[0] * size[1]
+    pad = (0, 0) if padding == "valid" else _pair(padding)
+    area = 1
+    for extent, p, k, s, d in zip(size, pad, kernel_size, stride, dilation):
+        area *= (extent + 2 * p - d * (k - 1) - 1) // s + 1
+    return area
+
+
 class ACDCConv2d(nn.Module):
     """Conv2d whose kernel is ``K[o, i] = sum_k A[o, i, k] * D[k]`` (see the module docstring).
 
@@ -198,6 +211,7 @@ class ACDCConv2d(nn.Module):
         self.padding_mode = padding_mode
         self._pad_for_mode = _reversed_padding(self.padding, self.kernel_size, self.dilation)
         self.atom_drop = check_atom_drop(atom_drop)
+        self.evaluation = "auto"
         self.scope: Optional[str] = None  # set by convert()/expand()
 
         if group_size is not None:
@@ -230,6 +244,18 @@ class ACDCConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
         else:
             self.register_parameter("bias", None)
+
+    @property
+    def evaluation(self) -> str:
+        """How plain layers compute: ``auto`` (the cheaper of the two exact ways, see
+        :meth:`prefers_two_stage`), ``kernel`` (always build ``K``) or ``two-stage`` (never build it)."""
+        return self._evaluation
+
+    @evaluation.setter
+    def evaluation(self, value: str) -> None:
+        if value not in EVALUATIONS:
+            raise ValueError(f"evaluation must be one of {', '.join(EVALUATIONS)}; got {value!r}")
+        self._evaluation = value
 
     # ---- layout -------------------------------------------------------------------------------
     @property
@@ -267,7 +293,10 @@ class ACDCConv2d(nn.Module):
 
     def coefficient_view(self) -> Tensor:
         rows, cols = self.coefficient_shape
-        return self.shared()[:rows, :cols]
+        a = self.shared()
+        if (rows, cols) == tuple(a.shape[:2]):
+            return a  # the whole tensor: no slice, whose backward would allocate a zero-filled copy
+        return a[:rows, :cols]
 
     # ---- kernel ---------------------------------------------------------------------------------
     def sample_atom_mask(self) -> Optional[Tensor]:
@@ -287,22 +316,57 @@ class ACDCConv2d(nn.Module):
         d = self.atoms if atom_mask is None else self.atoms * atom_mask[..., None, None]
         a = self.coefficient_view()
         if self.group_size is None:
-            return torch.einsum("oik,khw->oihw", a, d)
+            # (kh*kw x m) @ (m x c_out*c_in): a short, wide product, several times faster than the
+            # (c_out*c_in x m) @ (m x kh*kw) of the (o, i, h, w) layout; the conv takes the permuted view.
+            kh, kw = self.kernel_size
+            m = d.shape[0]
+            rebuilt = d.reshape(m, kh * kw).t() @ a.reshape(-1, m).t()
+            return rebuilt.view(kh, kw, a.shape[0], a.shape[1]).permute(2, 3, 0, 1)
         w = torch.einsum("oik,gkhw->goihw", a, d)
         return w.reshape(self.out_channels, a.shape[1], *self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.kernel(self.sample_atom_mask())
+        mask = self.sample_atom_mask()
         bias = self.bias
         if bias is not None and self.num_groups > 1:
             # bias belongs to the shuffled output channel; pre-shuffle channel j*s+t ends at t*g+j
             bias = bias.view(self.group_width, self.num_groups).t().reshape(-1)
-        if self.padding_mode == "zeros":
-            y = F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.conv_groups)
-        else:
+        padding: _PaddingArg = self.padding
+        if self.padding_mode != "zeros":
             x = F.pad(x, self._pad_for_mode, mode=self.padding_mode)
-            y = F.conv2d(x, w, bias, self.stride, 0, self.dilation, self.conv_groups)
+            padding = 0
+        if self.prefers_two_stage(x, padding):
+            return self._two_stage(x, mask, bias, padding)
+        y = F.conv2d(x, self.kernel(mask), bias, self.stride, padding, self.dilation, self.conv_groups)
         return channel_shuffle(y, self.num_groups)
+
+    # ---- the two-stage evaluation ------------------------------------------------------------------
+    def prefers_two_stage(self, x: Tensor, padding: _PaddingArg) -> bool:
+        """Whether to skip building the kernel: convolve with the atoms, then mix with ``A`` (a 1×1 conv).
+
+        Both evaluations are exact. The two-stage one materializes ``N·H_out·W_out·c_in·m`` intermediate
+        values instead of the ``c_out·c_in·kh·kw`` kernel, so it is taken when that is no more: deep
+        layers on small batches (a MAML support set), where building, reordering and differentiating the
+        kernel costs more than the convolution itself (benchmarks/README.md). Plain layers only.
+        """
+        if self.grouped or x.dim() != 4 or self.evaluation == "kernel":
+            return False
+        if self.evaluation == "two-stage":
+            return True
+        kh, kw = self.kernel_size
+        positions = x.shape[0] * _output_area(x.shape[-2:], padding, self.kernel_size, self.stride, self.dilation)
+        return positions * self.num_atoms <= self.out_channels * kh * kw
+
+    def _two_stage(self, x: Tensor, mask: Optional[Tensor], bias: Optional[Tensor],
+                   padding: _PaddingArg) -> Tensor:
+        n, c, h, w = x.shape
+        m = self.num_atoms
+        d = self.atoms if mask is None else self.atoms * mask[:, None, None]
+        # every input channel with each atom: (N*c_in, 1, H, W) -> (N, c_in*m, H_out, W_out), channel i*m + k
+        z = F.conv2d(x.reshape(n * c, 1, h, w), d.unsqueeze(1), None, self.stride, padding, self.dilation)
+        z = z.reshape(n, c * m, z.shape[-2], z.shape[-1])
+        mix = self.coefficient_view().reshape(self.out_channels, c * m, 1, 1)  # [o, i*m + k] = A[o, i, k]
+        return F.conv2d(z, mix, bias)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
