@@ -232,15 +232,45 @@ class MAML(Learner):
             logits = self._forward({**frozen, **weights}, support_images)
             return F.cross_entropy(logits, support_labels)
 
+        if first_order:
+            return {**frozen, **self._first_order_steps(support_loss, fast, steps, lr, learned_lrs)}
         for step in range(steps):
             grads = torch.func.grad(support_loss)(fast)
-            if first_order:
-                grads = {n: g.detach() for n, g in grads.items()}
             fast = {
                 n: w - (lr if learned_lrs is None else learned_lrs[_lr_key(n)][step]) * grads[n]
                 for n, w in fast.items()
             }
         return {**frozen, **fast}
+
+    @staticmethod
+    def _first_order_steps(
+        support_loss, fast: dict[str, Tensor], steps: int, lr: float, learned_lrs: dict[str, Tensor] | None
+    ) -> dict[str, Tensor]:
+        """First-order inner loop: the support passes record no graph to the meta-parameters.
+
+        The returned weights have the values of the SGD iterates and the first-order derivatives:
+        identity to the initial weights, ``-sum_t g_t`` to a learned step size of step ``t``.
+        """
+        if steps == 0:
+            return dict(fast)
+        current = fast
+        learned_terms: dict[str, list[Tensor]] = {n: [] for n in fast}
+        for step in range(steps):
+            with torch.no_grad():  # torch.func.grad still differentiates the support loss inside
+                grads = torch.func.grad(support_loss)(current)
+                step_sizes = {
+                    n: lr if learned_lrs is None else learned_lrs[_lr_key(n)][step] for n in current
+                }
+                current = {n: w - step_sizes[n] * grads[n] for n, w in current.items()}
+            if learned_lrs is not None:
+                for n, g in grads.items():
+                    rate = learned_lrs[_lr_key(n)][step]
+                    learned_terms[n].append((rate.detach() - rate) * g)  # value 0, derivative -g
+        result = {}
+        for n, w in current.items():
+            through = fast[n] - fast[n].detach()  # value 0, derivative 1 to the initial weights
+            result[n] = w + sum(learned_terms[n], through)
+        return result
 
     def _query_logits(
         self, params: dict[str, Tensor], support_images: Tensor, query_images: Tensor
