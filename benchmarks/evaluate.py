@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """MAML evaluation speed: ``fewshot.evaluation.evaluate(learner, episodes, batch=K)`` vs a per-episode loop.
 
-Each test episode (synthetic, 5-way 1-shot 15-query, 84×84, a per-class colour plus noise) is adapted by
-5 SGD steps at lr 0.01 on its support set, then its query set is predicted. Two implementations:
+Each test episode (synthetic: a per-class colour plus noise; 5-way 1-shot 15-query) is adapted by 5 SGD
+steps at lr 0.01 on its support set, then its query set is predicted. The defaults are the evaluation of
+the README's main job (``configs/maml_glyphs_demo.yaml``: 3,000 episodes of 28×28 images, ResNet10 with
+stage widths 16-128, ACDC-net m=8, 32 episodes per batch); ``--width 64 --image-size 84 --acdc none`` is
+Chen et al.'s ResNet10. Two implementations:
 
 - ``ours``: ``evaluate(learner, episodes, batch=K)`` with ``fewshot.learners.MAML`` (``predict_batch``:
   K episodes through one ``torch.func.vmap``, first-order inner loop, no graph to the meta-parameters);
@@ -15,9 +18,10 @@ episodes are generated before a round's clock starts. The per-episode accuracies
 compared (``identical``); in float32 a query whose two best logits nearly tie can flip (see README), in
 float64 (``--dtype float64``, slow) they agree exactly.
 
-    python benchmarks/evaluate.py                         # ResNet10, 100 episodes, K=8
-    python benchmarks/evaluate.py --episodes 3000         # the real run (a few hours on 2 CPU cores)
-    python benchmarks/evaluate.py --device cuda --batch 32 --episodes 3000
+    python benchmarks/evaluate.py                         # the main job's 3,000-episode evaluation
+    python benchmarks/evaluate.py --width 64 --image-size 84 --acdc none --episodes 64 --batch 8 \
+        --out benchmarks/results/evaluate_resnet10_84px.json   # Chen et al.'s ResNet10 (CPU: a sample)
+    python benchmarks/evaluate.py --device cuda --width 64 --image-size 84 --batch 64
 
 Writes ``benchmarks/results/evaluate.json`` (or ``--out``) with ``speedup`` = loop seconds / ours seconds.
 """
@@ -49,17 +53,17 @@ BACKBONE_CHOICES = ("resnet10", "resnet18", "conv4")
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--episodes", type=int, default=100, help="timed test episodes (the real run: 3000)")
-    p.add_argument("--batch", type=int, default=8, help="K: episodes per predict_batch (one vmap); one round")
+    p.add_argument("--episodes", type=int, default=3000, help="timed test episodes")
+    p.add_argument("--batch", type=int, default=32, help="K: episodes per predict_batch (one vmap); one round")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of K episodes first")
     p.add_argument("--backbone", choices=BACKBONE_CHOICES, default="resnet10")
-    p.add_argument("--acdc", choices=("none", "net"), default="none", help="dense or ACDC-net")
+    p.add_argument("--acdc", choices=("none", "net"), default="net", help="dense or ACDC-net")
     p.add_argument("--atoms", type=int, default=8)
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--queries", type=int, default=15)
-    p.add_argument("--image-size", type=int, default=84)
-    p.add_argument("--width", type=int, default=64, help="first-stage channels (64: Chen et al.)")
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--width", type=int, default=16, help="first-stage channels (64: Chen et al.)")
     p.add_argument("--steps", type=int, default=5, help="test-time inner steps")
     p.add_argument("--lr", type=float, default=0.01, help="test-time inner step size")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
@@ -180,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": "python benchmarks/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {**common.machine(device), "load_average_1min_at_end": common.load_average()},
         "settings": {
-            "backbone": args.backbone, "acdc": args.acdc, "atoms": args.atoms if args.acdc == "net" else None,
+            "backbone": args.backbone, "width": args.width, "acdc": args.acdc,
+            "atoms": args.atoms if args.acdc == "net" else None,
             "ways": args.ways, "shots": args.shots, "queries": args.queries, "image_size": args.image_size,
             "steps": args.steps, "lr": args.lr, "episodes": args.episodes, "batch": args.batch,
             "warmup_rounds": args.warmup, "dtype": args.dtype, "seed": args.seed,

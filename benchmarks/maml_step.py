@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One MAML meta-training step: ours (vmap over the meta-batch) vs higher vs a per-task loop vs the floor.
+"""One MAML meta-training step: ours vs higher (and learn2learn when importable) vs the floor.
 
 The step: a meta-batch of ``--meta-batch`` synthetic 5-way 1-shot 15-query episodes (84×84), ResNet10 /
 ResNet18 with Chen et al.'s ImageNet stem (7×7/2 + max-pool) and a linear head, 5 SGD steps at lr 0.01
@@ -7,10 +7,12 @@ on each support set, cross-entropy on the query sets, backward to the meta-param
 only: no optimizer step). Configurations: {resnet10, resnet18} × {dense, ACDC-net m=8} × {first, second
 order}, named like ``resnet10-acdc-second``. Contenders, timed interleaved round by round in one process:
 
-- ``ours``: ``fewshot.learners.MAML(...).batch_loss(episodes)`` then ``backward()`` (tasks through one vmap);
+- ``ours``: ``fewshot.learners.MAML(...).batch_loss(episodes)`` then ``backward()``, default options (the
+  tasks one after the other through the functional inner loop);
+- ``ours_vmap``: the same with ``vectorize=True`` (the tasks through one ``torch.func.vmap``; not in the
+  default set: on a CPU it is slower at these widths, see benchmarks/README.md);
 - ``higher``: the same step with ``higher.innerloop_ctx(copy_initial_weights=False)``, one task after the
   other (first order: ``track_higher_grads=False`` and the explicit d(query loss)/d(fast weights));
-- ``loop``: ours with ``vectorize=False`` (the tasks one after the other);
 - ``floor``: one plain forward+backward of all the step's images (meta-batch × (support + query)) through
   backbone + head, no inner loop: no MAML implementation can beat it;
 - ``learn2learn``: its ``MAML`` clone/adapt, only when importable (recorded as skipped otherwise).
@@ -54,7 +56,8 @@ from fewshot.training.distributed import resolve_device  # noqa: E402
 
 DEFAULT_BACKBONES = ("resnet10", "resnet18")
 BACKBONE_CHOICES = ("resnet10", "resnet18", "conv4")
-CONTENDERS = ("ours", "higher", "loop", "floor", "learn2learn")
+CONTENDERS = ("ours", "ours_vmap", "higher", "floor", "learn2learn")
+DEFAULT_CONTENDERS = ("ours", "higher", "floor", "learn2learn")
 PROBES = (*CONTENDERS, "idle")
 
 
@@ -95,7 +98,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", default=None, metavar="GLOB",
                    help="configuration name patterns, e.g. 'resnet10-*' or '*-second'; names are "
                         "BACKBONE-{dense,acdc}-{first,second}")
-    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(DEFAULT_CONTENDERS),
+                   help=f"default: {' '.join(DEFAULT_CONTENDERS)} (learn2learn only when importable)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-batch (larger on CUDA)")
@@ -132,7 +136,7 @@ def make_episodes(args: argparse.Namespace, device: torch.device) -> list[Episod
     return [common.synthetic_episode(g, args, DTYPES[args.dtype]).to(device) for _ in range(args.meta_batch)]
 
 
-def build_learner(config: Config, args: argparse.Namespace, device: torch.device, vectorize: bool = True) -> MAML:
+def build_learner(config: Config, args: argparse.Namespace, device: torch.device, vectorize: bool = False) -> MAML:
     """The MAML learner of a configuration; the same seed, hence the same weights, every time."""
     from fewshot import create_backbone
 
@@ -224,8 +228,8 @@ def build_contender(
     name: str, config: Config, args: argparse.Namespace, device: torch.device, episodes: list[Episode]
 ) -> tuple[MAML, Callable[[], None]]:
     """The model a contender updates and its step function (each contender gets its own model)."""
-    learner = build_learner(config, args, device, vectorize=name != "loop")
-    if name in ("ours", "loop"):
+    learner = build_learner(config, args, device, vectorize=name == "ours_vmap")
+    if name in ("ours", "ours_vmap"):
         return learner, ours_step(learner, episodes)
     if name == "higher":
         return learner, higher_step(learner, episodes, config, args)
@@ -323,7 +327,7 @@ def measure_config(
     for name in contenders:
         row[f"{name}_ms"] = stats[name]["median_ms"]
     if "ours" in stats:
-        for other in ("higher", "loop", "floor", "learn2learn"):
+        for other in ("higher", "ours_vmap", "floor", "learn2learn"):
             if other in stats:  # < 1: ours is faster
                 row[f"ratio_vs_{other}"] = round(stats["ours"]["median_ms"] / stats[other]["median_ms"], 4)
     return row
@@ -336,7 +340,7 @@ def table(configs: dict[str, dict[str, Any]], contenders: list[str]) -> str:
          for s in r["contenders"].values() if k in s), None
     )
     header = ["configuration", "params (M)"] + [f"{c} ms (IQR)" for c in contenders]
-    header += [f"ours/{c}" for c in ("higher", "loop", "floor") if c in contenders and "ours" in contenders]
+    header += [f"ours/{c}" for c in ("higher", "ours_vmap", "floor") if c in contenders and "ours" in contenders]
     if memory_key:
         header += [f"{c} {'RSS' if memory_key == 'peak_rss_mib' else 'CUDA'} MiB" for c in contenders]
     rows = []
@@ -344,7 +348,7 @@ def table(configs: dict[str, dict[str, Any]], contenders: list[str]) -> str:
         s = r["contenders"]
         cells: list[Any] = [name, round(r["parameters"] / 1e6, 2)]
         cells += [f"{s[c]['median_ms']:.0f} ({s[c]['iqr_ms']:.0f})" for c in contenders]
-        cells += [r[f"ratio_vs_{c}"] for c in ("higher", "loop", "floor") if f"ratio_vs_{c}" in r]
+        cells += [r[f"ratio_vs_{c}"] for c in ("higher", "ours_vmap", "floor") if f"ratio_vs_{c}" in r]
         if memory_key:
             cells += [s[c].get(memory_key) for c in contenders]
         rows.append(cells)
