@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """Cost of ACDC-net over the dense network: forward+backward of one batch, interleaved, median ratio.
 
-For each backbone (ResNet10, ResNet18 with Chen et al.'s ImageNet stem, 84×84), the dense network and its
-ACDC-net conversion (m=8 atoms, coefficients shared net-wide, atom-drop ``--atom-drop`` in training mode)
-run the same batch (``--batch`` 80 = one 5-way 1-shot 15-query episode's images) through backbone + a
-linear head, cross-entropy, backward (gradients only, no optimizer step). Round ``r`` times each once, in
+For each backbone (ResNet10, ResNet18 with Chen et al.'s ImageNet stem, 84×84) and each batch size
+(``--batch``: 80 = one 5-way 1-shot 15-query episode's images; 5 = a 5-way 1-shot support set, what
+MAML's inner loop sees), the dense network and its ACDC-net conversion (m=8 atoms, coefficients shared
+net-wide, atom-drop ``--atom-drop`` in training mode) run the same batch through backbone + a linear
+head, cross-entropy, backward (gradients only, no optimizer step). ``two_stage_layers`` counts the ACDC
+layers that skip building their kernel at that batch (``ACDCConv2d.prefers_two_stage``). Round ``r`` times each once, in
 alternating order; ``ratio`` is the median over rounds of ACDC time / dense time of that round
 (``ratio_of_medians`` is the other common summary).
 
-    python benchmarks/acdc_overhead.py                      # ResNet10 and ResNet18, 15 rounds
-    python benchmarks/acdc_overhead.py --device cuda --batch 256
+    python benchmarks/acdc_overhead.py                      # ResNet10 and ResNet18, batches 80 and 5
+    python benchmarks/acdc_overhead.py --device cuda --batch 256 80
 
 Writes ``benchmarks/results/acdc_overhead.json`` (or ``--out``).
 """
@@ -37,7 +39,7 @@ BACKBONE_CHOICES = ("resnet10", "resnet18", "conv4")
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbones", nargs="+", choices=BACKBONE_CHOICES, default=["resnet10", "resnet18"])
-    p.add_argument("--batch", type=int, default=80)
+    p.add_argument("--batch", type=int, nargs="+", default=[80, 5], help="batch sizes, each measured")
     p.add_argument("--image-size", type=int, default=84)
     p.add_argument("--classes", type=int, default=5, help="size of the linear head")
     p.add_argument("--atoms", type=int, default=8)
@@ -48,7 +50,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/acdc_overhead.json)")
     args = p.parse_args(argv)
-    for name in ("batch", "image_size", "classes", "atoms", "rounds"):
+    if min(args.batch) < 1:
+        raise ValueError(f"--batch must be >= 1, got {min(args.batch)}")
+    for name in ("image_size", "classes", "atoms", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -74,10 +78,27 @@ def forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return step
 
 
-def measure(backbone: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def two_stage_layers(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:
+    """(ACDC layers that run two-stage on this batch, all ACDC layers), from one forward pass."""
+    from fewshot.acdc import ACDCConv2d
+
+    layers = [m for m in model.modules() if isinstance(m, ACDCConv2d)]
+    chosen: list[bool] = []
+    hooks = [m.register_forward_pre_hook(lambda m, inputs: chosen.append(m.prefers_two_stage(inputs[0], m.padding)))
+             for m in layers]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(chosen), len(layers)
+
+
+def measure(backbone: str, batch: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
-    labels = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
+    images = torch.randn(batch, 3, args.image_size, args.image_size, generator=g).to(device)
+    labels = torch.randint(0, args.classes, (batch,), generator=g).to(device)
     models = {"dense": build(backbone, False, args, device), "acdc": build(backbone, True, args, device)}
     steps = {name: forward_backward(m, images, labels) for name, m in models.items()}
     sync = common.synchronizer(device)
@@ -86,15 +107,18 @@ def measure(backbone: str, args: argparse.Namespace, device: torch.device) -> di
             step()
 
     def progress(r: int, seconds: dict[str, float]) -> None:
-        print(f"  {backbone} round {r + 1}/{args.rounds}: dense {1000 * seconds['dense']:.1f} ms  "
+        print(f"  {backbone} batch {batch} round {r + 1}/{args.rounds}: dense {1000 * seconds['dense']:.1f} ms  "
               f"acdc {1000 * seconds['acdc']:.1f} ms", flush=True)
 
     times = common.interleaved_times(steps, args.rounds, sync, progress)
     ratios = [a / d for a, d in zip(times["acdc"], times["dense"])]
     stats = {name: common.summarize_ms(t) for name, t in times.items()}
     q1, ratio, q3 = common.quartiles(ratios)
+    two_stage, layers = two_stage_layers(models["acdc"], images)
     row = {
+        "batch": batch,
         "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
+        "two_stage_layers": two_stage, "acdc_layers": layers,
         "dense_ms": stats["dense"]["median_ms"],
         "acdc_ms": stats["acdc"]["median_ms"],
         "ratio": round(ratio, 4),
@@ -125,18 +149,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": "python benchmarks/acdc_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": common.machine(device),
         "settings": {
-            "batch": args.batch, "image_size": args.image_size, "stem": "imagenet (ResNets)",
+            "batches": args.batch, "image_size": args.image_size, "stem": "imagenet (ResNets)",
             "classes": args.classes, "acdc": "net", "atoms": args.atoms, "atom_drop": args.atom_drop,
             "rounds": args.rounds, "warmup": args.warmup,
         },
-        "notes": "ratio = median over rounds of (ACDC ms / dense ms) within the round; > 1: ACDC is slower.",
+        "notes": "backbones.<name>.<batch>: ratio = median over rounds of (ACDC ms / dense ms) within the "
+                 "round; > 1: ACDC is slower.",
         "backbones": {},
     }
     for backbone in args.backbones:
-        row = measure(backbone, args, device)
-        result["backbones"][backbone] = row
-        print(f"{backbone}: dense {row['dense_ms']:.1f} ms, acdc-net {row['acdc_ms']:.1f} ms, "
-              f"ratio {row['ratio']:.3f} (IQR {row['ratio_iqr']:.3f})", flush=True)
+        result["backbones"][backbone] = {}
+        for batch in args.batch:
+            row = measure(backbone, batch, args, device)
+            result["backbones"][backbone][str(batch)] = row
+            print(f"{backbone} batch {batch}: dense {row['dense_ms']:.1f} ms, acdc-net {row['acdc_ms']:.1f} ms, "
+                  f"ratio {row['ratio']:.3f} (IQR {row['ratio_iqr']:.3f}), two-stage layers "
+                  f"{row['two_stage_layers']}/{row['acdc_layers']}", flush=True)
     result["machine"]["load_average_1min_at_end"] = common.load_average()
     result["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out) if args.out else common.RESULTS / "acdc_overhead.json"

@@ -153,15 +153,17 @@ def test_evaluate_loop_adapts_the_copy_not_the_model() -> None:
 def test_acdc_overhead_smoke(tmp_path: Path) -> None:
     acdc_overhead = load("acdc_overhead")
     result = acdc_overhead.main([
-        "--backbones", "conv4", "--batch", "4", "--image-size", "16", "--rounds", "2", "--warmup", "0",
+        "--backbones", "conv4", "--batch", "4", "1", "--image-size", "16", "--rounds", "2", "--warmup", "0",
         "--threads", "1", "--out", str(tmp_path / "acdc.json"),
     ])
-    row = result["backbones"]["conv4"]
+    assert sorted(result["backbones"]["conv4"]) == ["1", "4"]
+    row = result["backbones"]["conv4"]["4"]
     assert row["dense_ms"] > 0 and row["acdc_ms"] > 0 and row["ratio"] > 0
     assert len(row["round_ratios"]) == 2
     assert row["ratio"] == pytest.approx(sum(row["round_ratios"]) / 2, rel=1e-3)  # median of two
     assert row["parameters"]["acdc"] < row["parameters"]["dense"]
-    assert json.loads((tmp_path / "acdc.json").read_text())["backbones"]["conv4"]["ratio"] == row["ratio"]
+    assert json.loads((tmp_path / "acdc.json").read_text())["backbones"]["conv4"]["4"]["ratio"] == row["ratio"]
+    assert row["acdc_layers"] == 4 and 0 <= row["two_stage_layers"] <= 4
 
 
 def test_compare_methods_quick_writes_table_json_and_plot(tmp_path) -> None:
