@@ -179,3 +179,17 @@ def test_compare_methods_quick_writes_table_json_and_plot(tmp_path) -> None:
     assert len({r["test_seed"] for r in records}) == 1  # the same test episodes for both
     assert "| protonet |" in (tmp_path / "compare_methods.md").read_text()
     assert (tmp_path / "compare_methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------------ cuda.sh
+def test_cuda_script_commands_parse() -> None:
+    """Every benchmark command of the prepared GPU script is accepted by that script's parser."""
+    import shlex
+
+    text = (BENCHMARKS / "cuda.sh").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line)[1:] for line in text.splitlines() if line.startswith("python benchmarks/")]
+    assert [Path(c[0]).stem for c in commands] == ["maml_step", "evaluate", "acdc_overhead"]
+    for script, *argv in commands:
+        args = load(Path(script).stem).parse([a.replace("$dest", "/tmp") for a in argv])
+        assert args.device == "cuda"
+        assert args.out.startswith("/tmp/")

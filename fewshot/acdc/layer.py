@@ -4,7 +4,10 @@ A decomposed conv with ``c_out`` outputs, ``c_in`` inputs and a ``kh x kw`` kern
 ``D`` (``m x kh x kw``) and reads the coefficients ``A[:c_out, :c_in, :m]`` (atoms last) of a
 :class:`SharedCoefficients` module, which several convs may hold as the *same* submodule object. Its
 kernel is ``K[o, i] = sum_k A[o, i, k] * D[k]``; the forward pass rebuilds ``K`` and runs ``F.conv2d``,
-so compute equals the dense conv.
+so compute equals the dense conv. Where the batch is small next to the kernel (deep layers of a MAML
+support set), a plain layer instead convolves each input channel with the ``m`` atoms and mixes the result
+with ``A`` as a 1×1 conv (the paper's two-sub-layer form): the same function, without building ``K``
+(:meth:`ACDCConv2d.prefers_two_stage`).
 
 Grouped variant (``group_size=s``): the ``c_out`` outputs form ``g = c_out / s`` groups, each with its
 own atoms (``D`` is ``g x m x kh x kw``) and all reading the same ``A[:s, :s]`` (a layer with
