@@ -7,8 +7,9 @@ on each support set, cross-entropy on the query sets, backward to the meta-param
 only: no optimizer step). Configurations: {resnet10, resnet18} × {dense, ACDC-net m=8} × {first, second
 order}, named like ``resnet10-acdc-second``. Contenders, timed interleaved round by round in one process:
 
-- ``ours``: ``fewshot.learners.MAML(...).batch_loss(episodes)`` then ``backward()``, default options (the
-  tasks one after the other through the functional inner loop);
+- ``ours``: ``fewshot.learners.MAML(...).backward_batch(episodes)`` (what the training loop calls),
+  default options: the tasks one after the other through the functional inner loop, each task's graph
+  freed by its own backward;
 - ``ours_vmap``: the same with ``vectorize=True`` (the tasks through one ``torch.func.vmap``; not in the
   default set: on a CPU it is slower at these widths, see benchmarks/README.md);
 - ``higher``: the same step with ``higher.innerloop_ctx(copy_initial_weights=False)``, one task after the
@@ -154,8 +155,7 @@ def build_learner(config: Config, args: argparse.Namespace, device: torch.device
 def ours_step(learner: MAML, episodes: list[Episode]) -> Callable[[], None]:
     def step() -> None:
         learner.zero_grad(set_to_none=True)
-        loss, _ = learner.batch_loss(episodes)
-        loss.backward()
+        learner.backward_batch(episodes)  # what the training loop calls
 
     return step
 

@@ -454,3 +454,20 @@ def test_supervised_learners_learn_synthetic_task(name):
     learner.eval()
     # measured: untrained <= 0.42; pretrained baseline ~0.95, baseline_pp ~0.8 (20 head epochs)
     assert accuracy(learner, novel, episodes=10) > 0.6
+
+
+@pytest.mark.parametrize("method", ["protonet", "matchingnet", "relationnet"])
+def test_backward_batch_accumulates_the_gradient_of_the_summed_loss(method: str) -> None:
+    torch.manual_seed(0)
+    learner = create_learner(method, MLPBackbone(dim_in=6, dim_out=8), 3).double()
+    episodes = [random_episode(dim=6, seed=s) for s in range(3)]
+    episodes = [Episode(e.support_images.double(), e.support_labels, e.query_images.double(), e.query_labels,
+                        e.classes) for e in episodes]
+    learner.batch_loss(episodes)[0].backward()
+    reference = {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
+    learner.zero_grad()
+    loss, logits = learner.backward_batch(episodes)
+    assert not loss.requires_grad and len(logits) == 3
+    assert abs(loss.item() - learner.batch_loss(episodes)[0].item()) <= 1e-12
+    assert reference and all((p.grad - reference[n]).abs().max() <= 1e-12 for n, p in learner.named_parameters()
+                             if n in reference)

@@ -280,3 +280,19 @@ def test_atom_drop_under_vmap_draws_a_mask_per_task() -> None:
     learner.eval()  # no atom-drop: the two copies agree
     _, logits = learner.batch_loss([episode, episode])
     assert torch.allclose(logits[0], logits[1], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_backward_batch_equals_backward_of_batch_loss(first_order: bool, vectorize: bool) -> None:
+    learner = make_learner(TinyNet(), first_order=first_order, vectorize=vectorize)
+    episodes = [make_episode(seed=s) for s in range(3)]
+    reference = meta_gradients(learner, episodes)
+    expected_loss, expected_logits = learner.batch_loss(episodes)
+    learner.zero_grad()
+    loss, logits = learner.backward_batch(episodes)
+    assert not loss.requires_grad and all(not lg.requires_grad for lg in logits)
+    assert abs(loss.item() - expected_loss.item()) <= 1e-12
+    assert all(torch.equal(a, b.detach()) for a, b in zip(logits, expected_logits))
+    for name, p in learner.named_parameters():
+        assert (p.grad - reference[name]).abs().max().item() <= 1e-12, name

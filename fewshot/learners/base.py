@@ -15,8 +15,9 @@ class Learner(nn.Module):
     """A few-shot learner wrapping a feature backbone.
 
     Subclasses implement ``loss`` (training on one episode) and ``predict`` (query logits at test).
-    ``batch_loss`` is what the episodic training loop calls on a meta-batch; by default it sums the
-    per-episode losses, and learners that can batch tasks override it.
+    ``backward_batch`` is what the episodic training loop calls on a meta-batch (by default: each
+    episode's loss, backpropagated in turn); ``batch_loss`` gives the summed loss as one differentiable
+    tensor. Learners that can batch tasks override both.
     """
 
     name: str = ""
@@ -46,6 +47,24 @@ class Learner(nn.Module):
         """Summed query loss over a meta-batch and each episode's query logits."""
         losses, logits = zip(*(self.loss(e) for e in episodes))
         return torch.stack(list(losses)).sum(), list(logits)
+
+    def backward_batch(self, episodes: Sequence[Episode]) -> tuple[Tensor, list[Tensor]]:
+        """Add the gradient of the meta-batch's summed query loss to the parameters' ``.grad``.
+
+        The same gradients as ``batch_loss(episodes)[0].backward()``, but one episode at a time, so only
+        one episode's graph is alive at once (the training loop's memory peak is one task's, not the
+        meta-batch's). Returns the summed loss and the query logits, detached.
+        """
+        total: Tensor | None = None
+        outputs: list[Tensor] = []
+        for episode in episodes:
+            loss, logits = self.loss(episode)
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            outputs.append(logits.detach())
+        if total is None:
+            raise ValueError("backward_batch needs at least one episode")
+        return total, outputs
 
 
 def register_learner(name: str) -> Callable[[type[Learner]], type[Learner]]:

@@ -345,6 +345,15 @@ class MAML(Learner):
         losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
         return losses.view(len(episodes), -1).mean(1).sum(), list(logits.unbind(0))
 
+    def backward_batch(self, episodes: Sequence[Episode]) -> tuple[Tensor, list[Tensor]]:
+        """Meta-gradient of a meta-batch into ``.grad``: one ``vmap`` and one backward when the tasks are
+        vectorized, else task by task (one task's graph alive at a time)."""
+        if not self._can_vectorize(episodes):
+            return super().backward_batch(episodes)
+        loss, logits = self.batch_loss(episodes)
+        loss.backward()
+        return loss.detach(), [lg.detach() for lg in logits]
+
     def predict_batch(self, episodes: Sequence[Episode]) -> list[Tensor]:
         """``predict`` of several episodes at once (one ``vmap`` when they have the same shapes)."""
         if not self._can_vectorize(episodes):

@@ -143,9 +143,8 @@ def train_episodic(
         for step, batch in enumerate(bar, start=start + 1):
             learner.train()
             batch = [e.to(device) for e in batch]
-            loss, logits = learner.batch_loss(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, logits = learner.backward_batch(batch)
             optimizer.step()
             acc = sum(episode_accuracy(lg, e.query_labels) for lg, e in zip(logits, batch)) / len(batch)
             record: dict[str, Any] = {"step": step, "loss": round(loss.item(), 6), "train_acc": round(acc, 3)}
