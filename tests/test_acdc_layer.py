@@ -281,3 +281,17 @@ def test_evaluation_setting_is_checked():
     assert conv.evaluation == "auto"
     with pytest.raises(ValueError, match="evaluation must be one of auto, kernel, two-stage; got 'fast'"):
         conv.evaluation = "fast"
+
+
+def test_auto_builds_the_kernel_under_vmap():
+    conv = ACDCConv2d(16, 16, 3, atoms=2, padding=1, atom_drop=0.0)
+    x = torch.zeros(1, 16, 2, 2)  # 4 * 2 <= 16 * 9: two-stage when called directly
+    assert conv.prefers_two_stage(x, conv.padding)
+    choices: list[bool] = []
+
+    def record(xi: torch.Tensor) -> torch.Tensor:
+        choices.append(conv.prefers_two_stage(xi, conv.padding))
+        return conv(xi)
+
+    torch.func.vmap(record)(x.expand(3, -1, -1, -1)[:, None])
+    assert choices == [False]

@@ -171,6 +171,12 @@ def _output_area(size: Sequence[int], padding: _PaddingArg, kernel_size: tuple[i
     return area
 
 
+def _under_vmap() -> bool:
+    """Whether this call runs inside ``torch.func.vmap`` (at any level)."""
+    stack = torch._C._functorch.get_interpreter_stack()
+    return bool(stack) and any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
+
+
 class ACDCConv2d(nn.Module):
     """Conv2d whose kernel is ``K[o, i] = sum_k A[o, i, k] * D[k]`` (see the module docstring).
 
@@ -350,12 +356,15 @@ class ACDCConv2d(nn.Module):
         Both evaluations are exact. The two-stage one materializes ``N·H_out·W_out·c_in·m`` intermediate
         values instead of the ``c_out·c_in·kh·kw`` kernel, so it is taken when that is no more: deep
         layers on small batches (a MAML support set), where building, reordering and differentiating the
-        kernel costs more than the convolution itself (benchmarks/README.md). Plain layers only.
+        kernel costs more than the convolution itself (benchmarks/README.md). Plain layers only, and not
+        under ``torch.func.vmap``, where the atom convolution with per-task atoms runs task by task.
         """
         if self.grouped or x.dim() != 4 or self.evaluation == "kernel":
             return False
         if self.evaluation == "two-stage":
             return True
+        if _under_vmap():  # per-task atoms turn the atom convolution into a loop over tasks: slower
+            return False
         kh, kw = self.kernel_size
         positions = x.shape[0] * _output_area(x.shape[-2:], padding, self.kernel_size, self.stride, self.dilation)
         return positions * self.num_atoms <= self.out_channels * kh * kw
