@@ -8,7 +8,8 @@ stage widths 16-128, ACDC-net m=8, 32 episodes per batch); ``--width 64 --image-
 Chen et al.'s ResNet10. Two implementations:
 
 - ``ours``: ``evaluate(learner, episodes, batch=K)`` with ``fewshot.learners.MAML`` (``predict_batch``:
-  K episodes through one ``torch.func.vmap``, first-order inner loop, no graph to the meta-parameters);
+  K episodes through one ``torch.func.vmap`` with ``--vectorize on``, else one after the other;
+  first-order inner loop, no graph to the meta-parameters);
 - ``loop``: what a user writes: ``copy.deepcopy(model)``, ``torch.optim.SGD`` on the support loss,
   prediction under ``torch.no_grad()``; BatchNorm transductive (train mode: batch statistics), every
   other module in eval mode (so ACDC atom-drop is off, as in ``MAML.predict`` under ``learner.eval()``).
@@ -19,8 +20,8 @@ compared (``identical``); in float32 a query whose two best logits nearly tie ca
 float64 (``--dtype float64``, slow) they agree exactly.
 
     python benchmarks/evaluate.py                         # the main job's 3,000-episode evaluation
-    python benchmarks/evaluate.py --width 64 --image-size 84 --acdc none --episodes 64 --batch 8 \
-        --out benchmarks/results/evaluate_resnet10_84px.json   # Chen et al.'s ResNet10 (CPU: a sample)
+    python benchmarks/evaluate.py --width 64 --image-size 84 --acdc none --vectorize off --episodes 48 \
+        --batch 8 --out benchmarks/results/evaluate_resnet10_84px.json   # Chen et al.'s ResNet10 (a sample)
     python benchmarks/evaluate.py --device cuda --width 64 --image-size 84 --batch 64
 
 Writes ``benchmarks/results/evaluate.json`` (or ``--out``) with ``speedup`` = loop seconds / ours seconds.
@@ -66,6 +67,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=16, help="first-stage channels (64: Chen et al.)")
     p.add_argument("--steps", type=int, default=5, help="test-time inner steps")
     p.add_argument("--lr", type=float, default=0.01, help="test-time inner step size")
+    p.add_argument("--vectorize", choices=("on", "off"), default="on",
+                   help="ours: K episodes through one vmap (on, as the main job) or one after the other (off, "
+                        "MAML's default; faster for full-width networks on a CPU)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -95,7 +99,8 @@ def build_learner(args: argparse.Namespace, device: torch.device) -> MAML:
     acdc = {"acdc": "net", "atoms": args.atoms} if args.acdc == "net" else {}
     options = {"image_size": args.image_size} if args.backbone == "conv4" else {"stem": "imagenet"}
     backbone = create_backbone(args.backbone, width=args.width, **options, **acdc)
-    learner = MAML(backbone, ways=args.ways, test_inner_steps=args.steps, test_inner_lr=args.lr, vectorize=True)
+    learner = MAML(backbone, ways=args.ways, test_inner_steps=args.steps, test_inner_lr=args.lr,
+                   vectorize=args.vectorize == "on")
     return learner.to(device=device, dtype=DTYPES[args.dtype]).eval()
 
 
@@ -188,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "atoms": args.atoms if args.acdc == "net" else None,
             "ways": args.ways, "shots": args.shots, "queries": args.queries, "image_size": args.image_size,
             "steps": args.steps, "lr": args.lr, "episodes": args.episodes, "batch": args.batch,
+            "vectorize": args.vectorize,
             "warmup_rounds": args.warmup, "dtype": args.dtype, "seed": args.seed,
             "parameters": sum(p.numel() for p in learner.parameters()),
         },
