@@ -193,3 +193,17 @@ def test_cuda_script_commands_parse() -> None:
         args = load(Path(script).stem).parse([a.replace("$dest", "/tmp") for a in argv])
         assert args.device == "cuda"
         assert args.out.startswith("/tmp/")
+
+
+# ------------------------------------------------------------------------------------------------ profile_step
+def test_profile_step_reports_convolution_share(tmp_path: Path) -> None:
+    profile_step = load("profile_step")
+    result = profile_step.main(TINY_STEP + ["--configs", "conv4-dense-first", "--contenders", "ours", "higher",
+                                            "--out", str(tmp_path / "p.json")])
+    row = result["configs"]["conv4-dense-first"]
+    assert set(row) == {"ours", "higher"}
+    for contender in row.values():
+        assert 0 < contender["convolution_ms"] < contender["self_cpu_ms"]
+        assert contender["convolution_share"] == pytest.approx(contender["convolution_ms"] / contender["self_cpu_ms"], abs=1e-3)
+        assert "aten::convolution_backward" in contender["top_ops_ms"]
+    assert json.loads((tmp_path / "p.json").read_text())["configs"] == json.loads(json.dumps(result["configs"]))
