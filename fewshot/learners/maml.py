@@ -249,7 +249,7 @@ class MAML(Learner):
         """First-order inner loop: the support passes record no graph to the meta-parameters.
 
         The returned weights have the values of the SGD iterates and the first-order derivatives:
-        identity to the initial weights, ``-sum_t g_t`` to a learned step size of step ``t``.
+        the identity to the initial weights, ``-g_t`` to the learned step size of step ``t``.
         """
         if steps == 0:
             return dict(fast)
@@ -266,6 +266,8 @@ class MAML(Learner):
                 for n, g in grads.items():
                     rate = learned_lrs[_lr_key(n)][step]
                     learned_terms[n].append((rate.detach() - rate) * g)  # value 0, derivative -g
+        if not torch.is_grad_enabled():  # evaluation: no derivative is wanted
+            return current
         result = {}
         for n, w in current.items():
             through = fast[n] - fast[n].detach()  # value 0, derivative 1 to the initial weights
