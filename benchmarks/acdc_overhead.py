@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from fewshot.config import cli_main  # noqa: E402
-from fewshot.training.distributed import resolve_device  # noqa: E402
 
 BACKBONE_CHOICES = ("resnet10", "resnet18", "conv4")
 
@@ -139,14 +138,11 @@ def measure(backbone: str, batch: int, args: argparse.Namespace, device: torch.d
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    device = resolve_device(args.device)
-    common.set_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = common.prepare_device(args.device, args.threads)
     start = time.perf_counter()
     result: dict[str, Any] = {
         "benchmark": "acdc_overhead",
-        "command": "python benchmarks/acdc_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": common.command_line("acdc_overhead", argv),
         "machine": common.machine(device),
         "settings": {
             "batches": args.batch, "image_size": args.image_size, "stem": "imagenet (ResNets)",
@@ -167,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   f"{row['two_stage_layers']}/{row['acdc_layers']}", flush=True)
     result["machine"]["load_average_1min_at_end"] = common.load_average()
     result["seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out) if args.out else common.RESULTS / "acdc_overhead.json"
+    out = common.result_path(args.out, "acdc_overhead")
     common.write_json(out, result)
     print(f"wrote {out}")
     return result

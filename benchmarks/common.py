@@ -188,6 +188,28 @@ def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     return write_json(path, dict(payload))
 
 
+def prepare_device(name: str, threads: int | None) -> torch.device:
+    """A script's ``--device`` (cpu, cuda, cuda:N, auto) with ``--threads`` applied and, on CUDA, cuDNN
+    autotuning on (every script times steady-state shapes)."""
+    from fewshot.training.distributed import resolve_device
+
+    device = resolve_device(name)
+    set_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """How this run was invoked, for the JSON record: ``python benchmarks/<script>.py ARGS``."""
+    return f"python benchmarks/{script}.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def result_path(out: str | None, script: str) -> Path:
+    """``--out`` if given, else ``benchmarks/results/<script>.json``."""
+    return Path(out) if out else RESULTS / f"{script}.json"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; floats get one decimal."""
 

@@ -47,7 +47,6 @@ from fewshot.config import cli_main  # noqa: E402
 from fewshot.data.episode import Episode  # noqa: E402
 from fewshot.evaluation import EvaluationResult, episode_accuracy, evaluate  # noqa: E402
 from fewshot.learners.maml import MAML  # noqa: E402
-from fewshot.training.distributed import resolve_device  # noqa: E402
 
 BACKBONE_CHOICES = ("resnet10", "resnet18", "conv4")
 
@@ -136,10 +135,7 @@ def ours_accuracies(learner: MAML, episodes: Sequence[Episode], args: argparse.N
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    device = resolve_device(args.device)
-    common.set_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = common.prepare_device(args.device, args.threads)
     sync = common.synchronizer(device)
     learner = build_learner(args, device)
     runs = {
@@ -186,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     round_speedups = [lo / ou for lo, ou in zip(seconds["loop"], seconds["ours"])]
     payload: dict[str, Any] = {
         "benchmark": "evaluate",
-        "command": "python benchmarks/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": common.command_line("evaluate", argv),
         "machine": {**common.machine(device), "load_average_1min_at_end": common.load_average()},
         "settings": {
             "backbone": args.backbone, "width": args.width, "acdc": args.acdc,
@@ -206,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  "interleaved). Episode generation is outside the clock.",
         "seconds": round(time.perf_counter() - start, 1),
     }
-    out = Path(args.out) if args.out else common.RESULTS / "evaluate.json"
+    out = common.result_path(args.out, "evaluate")
     common.write_json(out, payload)
     print(f"ours {contenders['ours']['episodes_per_second']:.3f} ep/s, loop "
           f"{contenders['loop']['episodes_per_second']:.3f} ep/s, speedup {payload['speedup']:.2f}x; "

@@ -53,7 +53,6 @@ from common import DTYPES  # noqa: E402
 from fewshot.config import cli_main  # noqa: E402
 from fewshot.data.episode import Episode  # noqa: E402
 from fewshot.learners.maml import MAML  # noqa: E402
-from fewshot.training.distributed import resolve_device  # noqa: E402
 
 DEFAULT_BACKBONES = ("resnet10", "resnet18")
 BACKBONE_CHOICES = ("resnet10", "resnet18", "conv4")
@@ -358,8 +357,7 @@ def table(configs: dict[str, dict[str, Any]], contenders: list[str]) -> str:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    device = resolve_device(args.device)
-    common.set_threads(args.threads)
+    device = common.prepare_device(args.device, args.threads)
     if args.probe is not None:
         run_probe_mode(args, device)
         return {}
@@ -368,12 +366,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     l2l_note = learn2learn_status() if "learn2learn" in contenders else "not requested"
     if l2l_note and "learn2learn" in contenders:
         contenders.remove("learn2learn")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     start = time.perf_counter()
     result: dict[str, Any] = {
         "benchmark": "maml_step",
-        "command": "python benchmarks/maml_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": common.command_line("maml_step", argv),
         "machine": common.machine(device),
         "settings": {
             "meta_batch": args.meta_batch, "ways": args.ways, "shots": args.shots, "queries": args.queries,
@@ -393,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["machine"]["load_average_1min_at_end"] = common.load_average()
     result["seconds"] = round(time.perf_counter() - start, 1)
     markdown = table(result["configs"], contenders)
-    out = Path(args.out) if args.out else common.RESULTS / "maml_step.json"
+    out = common.result_path(args.out, "maml_step")
     common.write_json(out, result)
     out.with_suffix(".md").write_text(markdown + "\n")
     print(markdown)

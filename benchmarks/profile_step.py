@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -23,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import maml_step  # noqa: E402
 from fewshot.config import cli_main  # noqa: E402
-from fewshot.training.distributed import resolve_device  # noqa: E402
 
 CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
                    "aten::_slow_conv2d_backward", "aten::cudnn_convolution")
@@ -45,12 +43,11 @@ def profile_contender(step) -> dict[str, Any]:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = maml_step.parse(argv)
-    device = resolve_device(args.device)
-    common.set_threads(args.threads)
+    device = common.prepare_device(args.device, args.threads)
     contenders = [c for c in dict.fromkeys(args.contenders) if c in ("ours", "ours_vmap", "higher", "floor")]
     result: dict[str, Any] = {
         "benchmark": "profile_step",
-        "command": "python benchmarks/profile_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": common.command_line("profile_step", argv),
         "machine": common.machine(device),
         "settings": {"meta_batch": args.meta_batch, "image_size": args.image_size, "inner_steps": args.inner_steps},
         "notes": "self CPU time of one step under torch.profiler (the profiler adds overhead: compare shares, "
@@ -66,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"{config.name} {name}: {row[name]['self_cpu_ms']:.0f} ms self CPU, convolutions "
                   f"{100 * row[name]['convolution_share']:.0f}%", flush=True)
         result["configs"][config.name] = row
-    out = Path(args.out) if args.out else common.RESULTS / "profile_step.json"
+    out = common.result_path(args.out, "profile_step")
     common.write_json(out, result)
     print(f"wrote {out}")
     return result
