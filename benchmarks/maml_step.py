@@ -16,6 +16,10 @@ order}, named like ``resnet10-acdc-second``. Contenders, timed interleaved round
   other (first order: ``track_higher_grads=False`` and the explicit d(query loss)/d(fast weights));
 - ``floor``: one plain forward+backward of all the step's images (meta-batch × (support + query)) through
   backbone + head, no inner loop: no MAML implementation can beat it;
+- ``bound``: the image passes a first-order step makes, task after task with the same batch sizes
+  (``inner_steps`` support forward+backward passes, one query forward+backward), plain autograd on the
+  module, weights never updated: what any implementation that runs the tasks one by one on these
+  kernels pays at least (second order pays more: its backward runs through the inner steps);
 - ``learn2learn``: its ``MAML`` clone/adapt, only when importable (recorded as skipped otherwise).
 
 Before timing, every contender's meta-gradients are compared with ours (``grad_rel_diff``: max |Δ| over
@@ -56,9 +60,10 @@ from fewshot.learners.maml import MAML  # noqa: E402
 
 DEFAULT_BACKBONES = ("resnet10", "resnet18")
 BACKBONE_CHOICES = ("resnet10", "resnet18", "conv4")
-CONTENDERS = ("ours", "ours_vmap", "higher", "floor", "learn2learn")
-DEFAULT_CONTENDERS = ("ours", "higher", "floor", "learn2learn")
+CONTENDERS = ("ours", "ours_vmap", "higher", "floor", "bound", "learn2learn")
+DEFAULT_CONTENDERS = ("ours", "higher", "floor", "bound", "learn2learn")
 PROBES = (*CONTENDERS, "idle")
+RATIO_COLUMNS = ("higher", "ours_vmap", "floor", "bound")  # ours / each of these, in the table
 
 
 @dataclass(frozen=True)
@@ -214,6 +219,21 @@ def floor_step(model: MAML, episodes: list[Episode]) -> Callable[[], None]:
     return step
 
 
+def bound_step(model: MAML, episodes: list[Episode], args: argparse.Namespace) -> Callable[[], None]:
+    """A first-order step's image passes, task by task, on fixed weights: plain forward+backward of each
+    support set ``inner_steps`` times (gradients returned, not applied) and of each query set once."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        for ep in episodes:
+            for _ in range(args.inner_steps):
+                torch.autograd.grad(F.cross_entropy(model(ep.support_images), ep.support_labels), params)
+            F.cross_entropy(model(ep.query_images), ep.query_labels).backward()
+
+    return step
+
+
 def learn2learn_status() -> str | None:
     """None when learn2learn imports, else why not."""
     try:
@@ -236,6 +256,8 @@ def build_contender(
         return learner, learn2learn_step(learner, episodes, config, args)
     if name == "floor":
         return learner, floor_step(learner, episodes)
+    if name == "bound":
+        return learner, bound_step(learner, episodes, args)
     raise ValueError(f"unknown contender {name!r}; valid: {', '.join(CONTENDERS)}")
 
 
@@ -295,7 +317,7 @@ def measure_config(
     sync()
     reference = grads.get("ours")
     grad_rel_diff = {
-        n: relative_difference(g, reference) for n, g in grads.items() if n not in ("ours", "floor")
+        n: relative_difference(g, reference) for n, g in grads.items() if n not in ("ours", "floor", "bound")
     } if reference is not None else {}
 
     def progress(r: int, seconds: dict[str, float]) -> None:
@@ -326,9 +348,11 @@ def measure_config(
     for name in contenders:
         row[f"{name}_ms"] = stats[name]["median_ms"]
     if "ours" in stats:
-        for other in ("higher", "ours_vmap", "floor", "learn2learn"):
+        for other in RATIO_COLUMNS + ("learn2learn",):
             if other in stats:  # < 1: ours is faster
                 row[f"ratio_vs_{other}"] = round(stats["ours"]["median_ms"] / stats[other]["median_ms"], 4)
+    if "higher" in stats and "bound" in stats:  # how far above the first-order passes the reference runs
+        row["higher_vs_bound"] = round(stats["higher"]["median_ms"] / stats["bound"]["median_ms"], 4)
     return row
 
 
@@ -339,7 +363,9 @@ def table(configs: dict[str, dict[str, Any]], contenders: list[str]) -> str:
          for s in r["contenders"].values() if k in s), None
     )
     header = ["configuration", "params (M)"] + [f"{c} ms (IQR)" for c in contenders]
-    header += [f"ours/{c}" for c in ("higher", "ours_vmap", "floor") if c in contenders and "ours" in contenders]
+    header += [f"ours/{c}" for c in RATIO_COLUMNS if c in contenders and "ours" in contenders]
+    if "higher" in contenders and "bound" in contenders:
+        header.append("higher/bound")
     if memory_key:
         header += [f"{c} {'RSS' if memory_key == 'peak_rss_mib' else 'CUDA'} MiB" for c in contenders]
     rows = []
@@ -347,7 +373,9 @@ def table(configs: dict[str, dict[str, Any]], contenders: list[str]) -> str:
         s = r["contenders"]
         cells: list[Any] = [name, round(r["parameters"] / 1e6, 2)]
         cells += [f"{s[c]['median_ms']:.0f} ({s[c]['iqr_ms']:.0f})" for c in contenders]
-        cells += [r[f"ratio_vs_{c}"] for c in ("higher", "ours_vmap", "floor") if f"ratio_vs_{c}" in r]
+        cells += [r[f"ratio_vs_{c}"] for c in RATIO_COLUMNS if f"ratio_vs_{c}" in r]
+        if "higher_vs_bound" in r:
+            cells.append(r["higher_vs_bound"])
         if memory_key:
             cells += [s[c].get(memory_key) for c in contenders]
         rows.append(cells)

@@ -71,15 +71,18 @@ def test_maml_step_smoke_and_meta_gradients_agree(tmp_path: Path) -> None:
     out = tmp_path / "maml_step.json"
     result = maml_step.main(
         TINY_STEP + ["--configs", "conv4-dense-first", "conv4-acdc-second", "--dtype", "float64",
-                     "--contenders", "ours", "higher", "ours_vmap", "floor", "learn2learn", "--memory", "none", "--out", str(out)]
+                     "--contenders", "ours", "higher", "ours_vmap", "floor", "bound", "learn2learn", "--memory", "none",
+                     "--out", str(out)]
     )
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert sorted(result["configs"]) == ["conv4-acdc-second", "conv4-dense-first"]
     for name, row in result["configs"].items():
-        for key in ("ours_ms", "higher_ms", "ours_vmap_ms", "floor_ms", "ratio_vs_higher", "ratio_vs_floor", "parameters"):
+        for key in ("ours_ms", "higher_ms", "ours_vmap_ms", "floor_ms", "bound_ms", "ratio_vs_higher",
+                    "ratio_vs_floor", "ratio_vs_bound", "higher_vs_bound", "parameters"):
             assert row[key] > 0, (name, key)
         assert row["ratio_vs_higher"] == pytest.approx(row["ours_ms"] / row["higher_ms"], rel=1e-3)
-        for contender in ("ours", "higher", "ours_vmap", "floor"):
+        assert row["higher_vs_bound"] == pytest.approx(row["higher_ms"] / row["bound_ms"], rel=1e-3)
+        for contender in ("ours", "higher", "ours_vmap", "floor", "bound"):
             assert row["contenders"][contender]["samples"] == 1
             assert row["contenders"][contender]["iqr_ms"] == 0.0
         # the same function: higher and the vmapped tasks give our meta-gradients (float64)
@@ -91,7 +94,30 @@ def test_maml_step_smoke_and_meta_gradients_agree(tmp_path: Path) -> None:
         assert result["learn2learn"].startswith("skipped: learn2learn is not importable")
     table = out.with_suffix(".md").read_text().splitlines()
     assert table[0].startswith("| configuration | params (M) | ours ms (IQR) | higher ms (IQR)")
+    assert table[0].endswith("| ours/higher | ours/ours_vmap | ours/floor | ours/bound | higher/bound |")
     assert len(table) == 4
+
+
+def test_maml_step_bound_makes_the_first_order_passes_on_fixed_weights() -> None:
+    """bound = inner_steps support passes + one query pass per task, weights untouched; its gradient is
+    the query-loss gradient at the initial weights (= ours with no inner step)."""
+    maml_step = load("maml_step")
+    args = maml_step.parse(TINY_STEP + ["--inner-steps", "3", "--dtype", "float64"])
+    (config,) = maml_step.select_configs(["conv4-dense-first"], ["conv4"])
+    episodes = maml_step.make_episodes(args, torch.device("cpu"))
+    model, step = maml_step.build_contender("bound", config, args, torch.device("cpu"), episodes)
+    before = [p.detach().clone() for p in model.parameters()]
+    batch_sizes: list[int] = []
+    model.backbone.register_forward_hook(lambda module, inputs, output: batch_sizes.append(len(inputs[0])))
+    step()
+    support, query = len(episodes[0].support_images), len(episodes[0].query_images)
+    assert batch_sizes == ([support] * 3 + [query]) * len(episodes)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+    no_steps = maml_step.parse(TINY_STEP + ["--inner-steps", "0", "--dtype", "float64"])
+    reference, ours = maml_step.build_contender("ours", config, no_steps, torch.device("cpu"), episodes)
+    ours()
+    assert maml_step.relative_difference(maml_step.gradients(model), maml_step.gradients(reference)) < 1e-12
 
 
 def test_maml_step_memory_probe_in_a_subprocess(tmp_path: Path) -> None:
