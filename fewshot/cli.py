@@ -40,6 +40,11 @@ METHOD_DEFAULTS: dict[str, Any] = {
     "learn_inner_lr": False, "bn_mode": "transductive", "vectorize": False,
     "pretrain_epochs": 400, "pretrain_batch": 16,
 }
+# Options of episodic training, with their defaults; learners trained otherwise (Baseline, Baseline++:
+# supervised on the base classes) refuse them. meta_batch's default depends on the method (resolve).
+EPISODIC_TRAINING_DEFAULTS: dict[str, Any] = {
+    "queries": 16, "train_episodes": 60000, "meta_batch": None, "val_every": 500, "val_episodes": 100,
+}
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -78,15 +83,18 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     episodes = p.add_argument_group("episodes")
     episodes.add_argument("--ways", type=int, default=5)
     episodes.add_argument("--shots", type=int, default=1)
-    episodes.add_argument("--queries", type=int, default=16, help="query images per class in training")
+    episodes.add_argument("--queries", type=int, default=None,
+                          help="query images per class in episodic training (16)")
     episodes.add_argument("--test-queries", type=int, default=15)
     train = p.add_argument_group("training")
-    train.add_argument("--train-episodes", type=int, default=60000, help="episodes in all (meta-batch × meta-steps)")
+    train.add_argument("--train-episodes", type=int, default=None,
+                       help="episodic training: episodes in all, meta-batch × meta-steps (60000)")
     train.add_argument("--meta-batch", type=int, default=None,
-                       help="episodes per meta-update (default: 4 for maml, 1 for the others)")
+                       help="episodic training: episodes per meta-update (4 for maml, 1 for the others)")
     train.add_argument("--lr", type=float, default=1e-3, help="outer (Adam) learning rate")
-    train.add_argument("--val-every", type=int, default=500, help="meta-steps between validations")
-    train.add_argument("--val-episodes", type=int, default=100)
+    train.add_argument("--val-every", type=int, default=None,
+                       help="episodic training: meta-steps between validations (500; 0: none)")
+    train.add_argument("--val-episodes", type=int, default=None, help="episodic training: validation episodes (100)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     maml = p.add_argument_group("MAML")
     maml.add_argument("--inner-steps", type=int, default=None, help="inner SGD steps in training (5)")
@@ -160,8 +168,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for name in own:
         if getattr(args, name) is None and name in METHOD_DEFAULTS:
             setattr(args, name, METHOD_DEFAULTS[name])
-    if args.meta_batch is None:
-        args.meta_batch = 4 if args.method == "maml" else 1
+    _resolve_training_options(args)
     if args.method == "maml":
         args.test_inner_steps = args.inner_steps if args.test_inner_steps is None else args.test_inner_steps
         args.test_inner_lr = args.inner_lr if args.test_inner_lr is None else args.test_inner_lr
@@ -183,6 +190,25 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         acdc = args.acdc if args.acdc == "none" else f"acdc-{args.acdc}-m{args.atoms}"
         args.out = str(Path("runs") / f"{args.dataset}_{args.method}_{args.backbone}_{acdc}_{args.ways}w{args.shots}s")
     return args
+
+
+def _resolve_training_options(args: argparse.Namespace) -> None:
+    """Fill the episodic-training defaults, or refuse those options for a method not trained on episodes."""
+    from fewshot.learners import learner_class
+
+    if learner_class(args.method).training_mode != "episodic":
+        given = [name for name in EPISODIC_TRAINING_DEFAULTS if getattr(args, name) is not None]
+        if given:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise ValueError(f"{flags} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}: "
+                             "it is trained on the base classes in mini-batches, not on episodes "
+                             "(its training options: --pretrain-epochs, --pretrain-batch, --lr)")
+        return
+    for name, default in EPISODIC_TRAINING_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.meta_batch is None:
+        args.meta_batch = 4 if args.method == "maml" else 1
 
 
 # ------------------------------------------------------------------------------------------------

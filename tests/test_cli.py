@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from fewshot.cli import build_parser, main, resolve
+from fewshot.config import parse_args_with_config
 from fewshot.data import create_dataset
 from fewshot.training.checkpoint import load_checkpoint
 
@@ -90,6 +91,11 @@ def fails(capsys, argv: list[str], out: Path, method: str | None = None, one_lin
          ["--inner-steps does not apply to --method protonet (only to maml)"]),
         (["--method", "maml", "--head-epochs", "3"], None,
          ["--head-epochs does not apply to --method maml (only to baseline, baseline_pp)"]),
+        (["--method", "baseline", "--train-episodes", "100"], None,
+         ["--train-episodes does not apply to --method baseline: it is trained on the base classes",
+          "--pretrain-epochs"]),
+        (["--method", "baseline_pp", "--queries", "4", "--val-every", "0", "--meta-batch", "2"], None,
+         ["--queries, --meta-batch, --val-every do not apply to --method baseline_pp"]),
         (["--acdc", "g-net"], "maml", ["--acdc g-net needs --group-size"]),
         (["--group-size", "4"], "maml", ["--group-size applies only to the grouped scopes", "--acdc none"]),
         (["--eval-only"], "maml", ["--eval-only needs --checkpoint"]),
@@ -221,8 +227,9 @@ def test_saved_config_reloads(maml_run, tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # The other methods on the same test episodes
-CONV4 = [*GLYPHS, "--backbone", "conv4", "--width", "16", "--val-every", "0", "--val-episodes", "5",
+CONV4 = [*GLYPHS, "--backbone", "conv4", "--width", "16",
          "--test-episodes", "50", "--eval-batch", "25", "--test-queries", "5", "--lr", "0.003"]
+EPISODIC = ["--val-every", "0", "--val-episodes", "5"]
 
 
 @pytest.mark.parametrize(
@@ -232,9 +239,9 @@ CONV4 = [*GLYPHS, "--backbone", "conv4", "--width", "16", "--val-every", "0", "-
         # 40.2 ± 3.2, relationnet (softmax loss) 30.5 ± 2.2 over 50 episodes; baseline 34.2 ± 3.9 over 25
         # (seed 1: 30.7 ± 2.8); baseline_pp 29.7 ± 2.4 over 50. One pretraining epoch is fragile for
         # Baseline++: seed 1 gives 20.8 ± 1.1, so the seed is fixed here (0, the CLI's default).
-        ("protonet", ["--train-episodes", "50"], 30.0),
-        ("matchingnet", ["--train-episodes", "50"], 30.0),
-        ("relationnet", ["--train-episodes", "50", "--relation-loss", "softmax"], 24.0),
+        ("protonet", [*EPISODIC, "--train-episodes", "50"], 30.0),
+        ("matchingnet", [*EPISODIC, "--train-episodes", "50"], 30.0),
+        ("relationnet", [*EPISODIC, "--train-episodes", "50", "--relation-loss", "softmax"], 24.0),
         ("baseline", ["--test-episodes", "25", "--pretrain-epochs", "1", "--pretrain-batch", "64",
                       "--head-epochs", "50"], 24.0),
         ("baseline_pp", ["--pretrain-epochs", "1", "--pretrain-batch", "64", "--head-epochs", "50"], 24.0),
@@ -247,6 +254,12 @@ def test_other_methods_learn(tmp_path, method, flags, floor):
     assert record["episodes"] == (25 if "25" in flags else 50)
     assert record["accuracy_mean"] - record["accuracy_ci95"] > floor
     assert (out / "best.pt").is_file() and (out / "result.json").is_file()
+    # the saved config reloads as it was run (the Baselines' episodic options stay unset)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    reloaded = resolve(parse_args_with_config(build_parser(), ["--config", str(out / "config.yaml")]))
+    episodic = method not in ("baseline", "baseline_pp")
+    assert (saved["train_episodes"] == 50) == episodic and (saved["queries"] == 16) == episodic
+    assert reloaded.train_episodes == saved["train_episodes"] and reloaded.method == method
 
 
 # ------------------------------------------------------------------------------------------------

@@ -85,8 +85,13 @@ def list_learners() -> list[str]:
     return sorted(_LEARNERS)
 
 
-def create_learner(name: str, backbone: nn.Module, ways: int, **options) -> Learner:
-    """Build the learner registered as ``name`` around ``backbone``."""
+def learner_class(name: str) -> type[Learner]:
+    """The class registered as ``name`` (its ``training_mode`` says how it is trained)."""
     if name not in _LEARNERS:
         raise ValueError(f"unknown learner {name!r}; choose one of: {', '.join(list_learners())}")
-    return _LEARNERS[name](backbone, ways, **options)
+    return _LEARNERS[name]
+
+
+def create_learner(name: str, backbone: nn.Module, ways: int, **options) -> Learner:
+    """Build the learner registered as ``name`` around ``backbone``."""
+    return learner_class(name)(backbone, ways, **options)
