@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (puts the repository on sys.path)
 
 CLASSES, PER_CLASS, SIZE = 64, 600, 84
 
@@ -77,7 +78,7 @@ def episodes_per_second(dataset, transform, episodes: int, workers: int) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data_pipeline.json"))
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/data_pipeline.json)")
     parser.add_argument("--workdir", default=None, help="where to write the 813 MB synthetic cache (default: a temp dir)")
     parser.add_argument("--generate", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,8 +151,7 @@ def main() -> None:
             "episodes_per_second": {k: round(v, 1) for k, v in speed.items()},
             "glyphs_episodes_per_second": {k: round(v, 1) for k, v in glyph_speed.items()},
         }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(common.result_path(args.out, "data_pipeline"), result)
     print(json.dumps(result, indent=2))
 
 

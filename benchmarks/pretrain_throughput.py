@@ -15,7 +15,6 @@ Writes ``benchmarks/results/pretrain_throughput_<device>.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -25,10 +24,10 @@ from typing import Any, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402  (puts the repository on sys.path)
 from fewshot.config import cli_main  # noqa: E402
-from fewshot.training.distributed import resolve_device  # noqa: E402
 from fewshot.training.supervised import Precision, train_step  # noqa: E402
 
 # (name, acdc scope, atoms, group size): Table 1's ResNet18 rows (net m8; g-net m16 s64).
@@ -46,8 +45,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 50; 2 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; 1 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, the median is kept (3; 1 --quick)")
-    p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
-                   help="the AMP dtype (default bf16 where supported, else fp16)")
+    p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
+                   help="the AMP dtype measured next to fp32 (default bf16 where supported, else fp16); "
+                        "none: fp32 only")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each model (warm-up includes compiling)")
@@ -55,20 +55,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny settings for a CPU smoke run")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    quick = args.quick
-    args.batch_size = args.batch_size or (8 if quick else 128)
-    args.steps = args.steps or (2 if quick else 50)
-    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 10)
-    args.repeats = args.repeats or (1 if quick else 3)
-    for name in ("batch_size", "steps", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    defaults = {"batch_size": (128, 8), "steps": (50, 2), "warmup": (10, 1), "repeats": (3, 1)}
+    for name, (full, quick) in defaults.items():
+        value = getattr(args, name)
+        if value is None:
+            setattr(args, name, quick if args.quick else full)
+        elif value < (0 if name == "warmup" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {value}")
     return args
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(variant: str, precision_mode: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -76,6 +70,7 @@ def measure(variant: str, precision_mode: str, args: argparse.Namespace, device:
     from fewshot.backbones import create_backbone
 
     acdc, atoms, group_size = VARIANTS[variant]
+    sync = common.synchronizer(device)
     torch.manual_seed(0)
     model = create_backbone("resnet18_cifar", acdc=acdc, atoms=atoms, group_size=group_size, num_classes=10).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -94,14 +89,14 @@ def measure(variant: str, precision_mode: str, args: argparse.Namespace, device:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
         train_step(model, images, targets, optimizer, precision)
-    synchronize(device)
+    sync()
     rates, losses = [], []
     for _ in range(args.repeats):
-        synchronize(device)
+        sync()
         start = time.perf_counter()
         for _ in range(args.steps):
             loss, _ = train_step(model, images, targets, optimizer, precision)
-        synchronize(device)
+        sync()
         seconds = time.perf_counter() - start
         rates.append(args.steps * args.batch_size / seconds)
         losses.append(float(loss))
@@ -119,11 +114,8 @@ def measure(variant: str, precision_mode: str, args: argparse.Namespace, device:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = common.prepare_device(args.device, args.threads)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         amp = args.amp or ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
         name = torch.cuda.get_device_name(device)
     else:
@@ -131,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         name = platform.processor() or platform.machine()
     rows = []
     for variant in args.variants:
-        for mode in ("off", amp):
+        for mode in ("off",) if amp == "none" else ("off", amp):
             row = measure(variant, mode, args, device)
             rows.append(row)
             print(f"{variant:11s} {'fp32' if mode == 'off' else mode:5s} {row['images_per_second']:9.1f} img/s "
@@ -140,14 +132,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for r in rows:
         r["relative_to_dense"] = r["images_per_second"] / dense[r["precision"]] if r["precision"] in dense else None
     result = {
-        "benchmark": "pretrain_throughput", "network": "resnet18_cifar", "device": str(device), "device_name": name,
+        "benchmark": "pretrain_throughput", "command": common.command_line("pretrain_throughput", argv),
+        "network": "resnet18_cifar", "device": str(device), "device_name": name,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "channels_last": args.channels_last,
         "compile": args.compile, "quick": args.quick, "results": rows,
     }
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"pretrain_throughput_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = common.write_json(common.result_path(args.out, f"pretrain_throughput_{device.type}"), result)
     print(f"wrote {out}")
     return result
 

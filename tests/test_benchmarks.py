@@ -235,3 +235,25 @@ def test_profile_step_reports_convolution_share(tmp_path: Path) -> None:
             contender["convolution_ms"] / contender["self_cpu_ms"], abs=rounding + 1e-4)
         assert "aten::convolution_backward" in contender["top_ops_ms"]
     assert json.loads((tmp_path / "p.json").read_text())["configs"] == json.loads(json.dumps(result["configs"]))
+
+
+# ------------------------------------------------------------------------------------------------ pretrain_throughput
+def test_pretrain_throughput_smoke(tmp_path: Path) -> None:
+    pretrain = load("pretrain_throughput")
+    out = tmp_path / "throughput.json"
+    result = pretrain.main(["--quick", "--device", "cpu", "--threads", "1", "--variants", "dense", "acdc-net",
+                            "--amp", "none", "--steps", "1", "--batch-size", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["command"].startswith("python benchmarks/pretrain_throughput.py --quick")
+    assert [(r["variant"], r["precision"]) for r in result["results"]] == [("dense", "off"), ("acdc-net", "off")]
+    dense, acdc = result["results"]
+    assert dense["parameters"] == 11_173_962 and acdc["parameters"] < dense["parameters"] / 4
+    assert acdc["relative_to_dense"] == pytest.approx(acdc["images_per_second"] / dense["images_per_second"])
+    assert dense["relative_to_dense"] == 1.0
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--steps", "--repeats"])
+def test_pretrain_throughput_refuses_zero(flag: str) -> None:
+    pretrain = load("pretrain_throughput")
+    with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
+        pretrain.parse(["--quick", flag, "0"])
