@@ -10,7 +10,7 @@ dest="${OUT:-benchmarks/results}/cuda"
 mkdir -p "$dest"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$dest/gpu.txt"
 python benchmarks/maml_step.py --device cuda --meta-batch 16 --rounds 5 \
-    --contenders ours ours_vmap higher floor --out "$dest/maml_step.json"
+    --contenders ours ours_vmap higher floor bound --out "$dest/maml_step.json"
 python benchmarks/evaluate.py --device cuda --width 64 --image-size 84 --acdc none \
     --episodes 1000 --batch 50 --out "$dest/evaluate_resnet10_84px.json"
 python benchmarks/acdc_overhead.py --device cuda --batch 256 80 5 --out "$dest/acdc_overhead.json"
