@@ -57,11 +57,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     defaults = {"batch_size": (128, 8), "steps": (50, 2), "warmup": (10, 1), "repeats": (3, 1)}
     for name, (full, quick) in defaults.items():
-        value = getattr(args, name)
+        value, minimum = getattr(args, name), 0 if name == "warmup" else 1
         if value is None:
             setattr(args, name, quick if args.quick else full)
-        elif value < (0 if name == "warmup" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {value}")
+        elif value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
     return args
 
 
