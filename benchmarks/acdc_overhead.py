@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Cost of ACDC-net over the dense network: forward+backward of one batch, interleaved, median ratio.
+"""Cost of ACDC-net (or another ``--scope``) over the dense network: forward+backward of one batch, interleaved, median ratio.
 
 For each backbone (ResNet10, ResNet18 with Chen et al.'s ImageNet stem, 84×84) and each batch size
 (``--batch``: 80 = one 5-way 1-shot 15-query episode's images; 5 = a 5-way 1-shot support set, what
@@ -12,6 +12,10 @@ alternating order; ``ratio`` is the median over rounds of ACDC time / dense time
 
     python benchmarks/acdc_overhead.py                      # ResNet10 and ResNet18, batches 80 and 5
     python benchmarks/acdc_overhead.py --device cuda --batch 256 80
+    python benchmarks/acdc_overhead.py --scope layer --out benchmarks/results/acdc_overhead_layer.json
+
+``--scope`` picks what the coefficients are shared over (default ``net``; ``layer`` gives every conv its
+own ``A``, so no layer reads a slice of a shared tensor).
 
 Writes ``benchmarks/results/acdc_overhead.json`` (or ``--out``).
 """
@@ -42,6 +46,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=84)
     p.add_argument("--classes", type=int, default=5, help="size of the linear head")
     p.add_argument("--atoms", type=int, default=8)
+    p.add_argument("--scope", choices=("net", "block", "layer"), default="net",
+                   help="what the ACDC coefficients are shared over (default net)")
     p.add_argument("--atom-drop", type=float, default=0.1, help="ACDC atom-drop (training mode; default 0.1)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2, help="untimed passes of each network first")
@@ -65,7 +71,7 @@ def build(backbone: str, acdc: bool, args: argparse.Namespace, device: torch.dev
 
     torch.manual_seed(0)
     options = {"image_size": args.image_size} if backbone == "conv4" else {"stem": "imagenet"}
-    extra = {"acdc": "net", "atoms": args.atoms, "atom_drop": args.atom_drop} if acdc else {}
+    extra = {"acdc": args.scope, "atoms": args.atoms, "atom_drop": args.atom_drop} if acdc else {}
     return create_backbone(backbone, num_classes=args.classes, **options, **extra).to(device).train()
 
 
@@ -146,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "machine": common.machine(device),
         "settings": {
             "batches": args.batch, "image_size": args.image_size, "stem": "imagenet (ResNets)",
-            "classes": args.classes, "acdc": "net", "atoms": args.atoms, "atom_drop": args.atom_drop,
+            "classes": args.classes, "acdc": args.scope, "atoms": args.atoms, "atom_drop": args.atom_drop,
             "rounds": args.rounds, "warmup": args.warmup,
         },
         "notes": "backbones.<name>.<batch>: ratio = median over rounds of (ACDC ms / dense ms) within the "
@@ -158,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for batch in args.batch:
             row = measure(backbone, batch, args, device)
             result["backbones"][backbone][str(batch)] = row
-            print(f"{backbone} batch {batch}: dense {row['dense_ms']:.1f} ms, acdc-net {row['acdc_ms']:.1f} ms, "
+            print(f"{backbone} batch {batch}: dense {row['dense_ms']:.1f} ms, acdc-{args.scope} {row['acdc_ms']:.1f} ms, "
                   f"ratio {row['ratio']:.3f} (IQR {row['ratio_iqr']:.3f}), two-stage layers "
                   f"{row['two_stage_layers']}/{row['acdc_layers']}", flush=True)
     result["machine"]["load_average_1min_at_end"] = common.load_average()

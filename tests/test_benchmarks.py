@@ -190,6 +190,21 @@ def test_acdc_overhead_smoke(tmp_path: Path) -> None:
     assert row["parameters"]["acdc"] < row["parameters"]["dense"]
     assert json.loads((tmp_path / "acdc.json").read_text())["backbones"]["conv4"]["4"]["ratio"] == row["ratio"]
     assert row["acdc_layers"] == 4 and 0 <= row["two_stage_layers"] <= 4
+    assert result["settings"]["acdc"] == "net"
+
+
+def test_acdc_overhead_scope_layer_gives_every_conv_its_own_coefficients(tmp_path: Path) -> None:
+    acdc_overhead = load("acdc_overhead")
+    tiny = ["--backbones", "conv4", "--batch", "2", "--image-size", "16", "--rounds", "1", "--warmup", "0",
+            "--threads", "1"]
+    net = acdc_overhead.main([*tiny, "--out", str(tmp_path / "net.json")])["backbones"]["conv4"]["2"]
+    result = acdc_overhead.main([*tiny, "--scope", "layer", "--out", str(tmp_path / "layer.json")])
+    layer = result["backbones"]["conv4"]["2"]
+    assert result["settings"]["acdc"] == "layer"
+    assert layer["parameters"]["dense"] == net["parameters"]["dense"]
+    # conv4 at width 64, m=8: net holds one 64x64x8 A (+ the first layer's 64x3 corner lives inside it);
+    # layer holds 3x64x64x8 + 64x3x8 coefficients instead
+    assert layer["parameters"]["acdc"] - net["parameters"]["acdc"] == 2 * 64 * 64 * 8 + 64 * 3 * 8
 
 
 def test_compare_methods_quick_writes_table_json_and_plot(tmp_path) -> None:
