@@ -169,9 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   f"{row['two_stage_layers']}/{row['acdc_layers']}", flush=True)
     result["machine"]["load_average_1min_at_end"] = common.load_average()
     result["seconds"] = round(time.perf_counter() - start, 1)
-    out = common.result_path(args.out, "acdc_overhead")
-    common.write_json(out, result)
-    print(f"wrote {out}")
+    common.save_result(args.out, "acdc_overhead", result)
     return result
 
 

@@ -210,6 +210,13 @@ def result_path(out: str | None, script: str) -> Path:
     return Path(out) if out else RESULTS / f"{script}.json"
 
 
+def save_result(out: str | None, script: str, payload: Mapping[str, Any]) -> Path:
+    """Write a script's JSON result atomically to :func:`result_path` and say where; returns the path."""
+    path = write_json(result_path(out, script), payload)
+    print(f"wrote {path}")
+    return path
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; floats get one decimal."""
 

@@ -151,8 +151,8 @@ def main() -> None:
             "episodes_per_second": {k: round(v, 1) for k, v in speed.items()},
             "glyphs_episodes_per_second": {k: round(v, 1) for k, v in glyph_speed.items()},
         }
-    common.write_json(common.result_path(args.out, "data_pipeline"), result)
     print(json.dumps(result, indent=2))
+    common.save_result(args.out, "data_pipeline", result)
 
 
 if __name__ == "__main__":

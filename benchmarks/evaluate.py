@@ -202,13 +202,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  "interleaved). Episode generation is outside the clock.",
         "seconds": round(time.perf_counter() - start, 1),
     }
-    out = common.result_path(args.out, "evaluate")
-    common.write_json(out, payload)
     print(f"ours {contenders['ours']['episodes_per_second']:.3f} ep/s, loop "
           f"{contenders['loop']['episodes_per_second']:.3f} ep/s, speedup {payload['speedup']:.2f}x; "
           f"accuracies {'identical' if not mismatched else f'differ in {len(mismatched)} episodes'} "
           f"({contenders['ours']['accuracy_mean']:.2f}% vs {contenders['loop']['accuracy_mean']:.2f}%)")
-    print(f"wrote {out}")
+    common.save_result(args.out, "evaluate", payload)
     return payload
 
 

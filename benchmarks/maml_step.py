@@ -417,11 +417,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["machine"]["load_average_1min_at_end"] = common.load_average()
     result["seconds"] = round(time.perf_counter() - start, 1)
     markdown = table(result["configs"], contenders)
-    out = common.result_path(args.out, "maml_step")
-    common.write_json(out, result)
-    out.with_suffix(".md").write_text(markdown + "\n")
     print(markdown)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    out = common.save_result(args.out, "maml_step", result)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    print(f"wrote {out.with_suffix('.md')}")
     return result
 
 

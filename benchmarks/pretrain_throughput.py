@@ -138,8 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "channels_last": args.channels_last,
         "compile": args.compile, "quick": args.quick, "results": rows,
     }
-    out = common.write_json(common.result_path(args.out, f"pretrain_throughput_{device.type}"), result)
-    print(f"wrote {out}")
+    common.save_result(args.out, f"pretrain_throughput_{device.type}", result)
     return result
 
 

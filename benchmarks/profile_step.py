@@ -63,9 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"{config.name} {name}: {row[name]['self_cpu_ms']:.0f} ms self CPU, convolutions "
                   f"{100 * row[name]['convolution_share']:.0f}%", flush=True)
         result["configs"][config.name] = row
-    out = common.result_path(args.out, "profile_step")
-    common.write_json(out, result)
-    print(f"wrote {out}")
+    common.save_result(args.out, "profile_step", result)
     return result
 
 
