@@ -230,3 +230,30 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def cli_arguments(settings: Mapping[str, Any]) -> list[str]:
+    """Command-line flags of ``run_maml.py`` / ``run_fewshot.py`` for a settings dictionary (keys as in a
+    config.yaml; booleans become present/absent flags, None is left out)."""
+    argv: list[str] = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                argv.append(flag)
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_fewshot_cli(script: str, settings: Mapping[str, Any], out: Path, threads: int) -> dict[str, Any]:
+    """Run ``script`` (run_maml.py or run_fewshot.py) in a subprocess with ``settings`` and ``--out out``
+    at ``threads`` torch threads; returns its ``result.json`` record (RuntimeError with its stderr if it
+    fails)."""
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, str(root / script), *cli_arguments(settings), "--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"run failed ({done.returncode}): {' '.join(argv)}\n{done.stderr[-2000:]}")
+    return json.loads((out / "result.json").read_text())

@@ -7,6 +7,7 @@ and write ``result.json`` next to the saved config and checkpoints.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch
 from fewshot.acdc import SCOPES
 from fewshot.config import cli_main, parse_args_with_config, save_config
 from fewshot.evaluation import evaluate, result_record
+from fewshot.learners.maml import ATOM_DROP_MODES
+from fewshot.training.episodic import LR_SCHEDULES
 from fewshot.io import write_json
 from fewshot.training.distributed import resolve_device
 
@@ -28,7 +31,8 @@ DATASETS = ("miniimagenet", "glyphs")
 METHOD_OPTIONS: dict[str, dict[str, str | None]] = {
     "maml": {"inner_steps": "inner_steps", "inner_lr": "inner_lr", "test_inner_steps": "test_inner_steps",
              "test_inner_lr": "test_inner_lr", "first_order": "first_order", "adapt": "adapt",
-             "learn_inner_lr": "learn_inner_lr", "bn_mode": "bn_mode", "vectorize": "vectorize"},
+             "learn_inner_lr": "learn_inner_lr", "bn_mode": "bn_mode", "vectorize": "vectorize",
+             "inner_atom_drop": "inner_atom_drop"},
     "matchingnet": {"fce": "fce", "fce_steps": "fce_steps"},
     "relationnet": {"relation_loss": "loss"},
     "baseline": {"pretrain_epochs": None, "pretrain_batch": None, "head_epochs": "head_epochs"},
@@ -37,13 +41,14 @@ METHOD_OPTIONS: dict[str, dict[str, str | None]] = {
 # Defaults of the method options (Chen et al.'s settings); options left out here default in the learner.
 METHOD_DEFAULTS: dict[str, Any] = {
     "inner_steps": 5, "inner_lr": 0.01, "first_order": False, "adapt": "all",
-    "learn_inner_lr": False, "bn_mode": "transductive", "vectorize": False,
+    "learn_inner_lr": False, "bn_mode": "transductive", "vectorize": False, "inner_atom_drop": "step",
     "pretrain_epochs": 400, "pretrain_batch": 16,
 }
 # Options of episodic training, with their defaults; learners trained otherwise (Baseline, Baseline++:
 # supervised on the base classes) refuse them. meta_batch's default depends on the method (resolve).
 EPISODIC_TRAINING_DEFAULTS: dict[str, Any] = {
     "queries": 16, "train_episodes": 60000, "meta_batch": None, "val_every": 500, "val_episodes": 100,
+    "train_seconds": None, "lr_schedule": "constant",
 }
 
 
@@ -92,6 +97,12 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("--meta-batch", type=int, default=None,
                        help="episodic training: episodes per meta-update (4 for maml, 1 for the others)")
     train.add_argument("--lr", type=float, default=1e-3, help="outer (Adam) learning rate")
+    train.add_argument("--train-seconds", type=float, default=None,
+                       help="episodic training: also stop after the meta-step that passes this many seconds "
+                            "of training (then validate and test as usual)")
+    train.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                       help="episodic training: outer learning rate constant (default) or cosine-annealed "
+                            "to 0 over the budget (meta-steps, or --train-seconds where that ends first)")
     train.add_argument("--val-every", type=int, default=None,
                        help="episodic training: meta-steps between validations (500; 0: none)")
     train.add_argument("--val-episodes", type=int, default=None, help="episodic training: validation episodes (100)")
@@ -107,6 +118,10 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     maml.add_argument("--learn-inner-lr", action="store_true", default=None,
                       help="learn a step size per tensor and step (Meta-SGD / MAML++)")
     maml.add_argument("--bn-mode", choices=("transductive", "support"), default=None)
+    maml.add_argument("--inner-atom-drop", choices=ATOM_DROP_MODES, default=None,
+                      help="ACDC atom-drop in meta-training: step (a new mask at every inner step and at "
+                           "the query pass; default), task (one mask per task for all of them), query "
+                           "(none on the support steps, a mask at the query pass)")
     maml.add_argument("--vectorize", action="store_true", default=None,
                       help="run the tasks of a meta-batch and the test episodes of an --eval-batch "
                            "through one torch.func.vmap (faster for narrow networks)")
@@ -123,6 +138,9 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--test-episodes", type=int, default=3000)
     ev.add_argument("--test-seed", type=int, default=0, help="seed of the test episodes (same for every run)")
+    ev.add_argument("--test-split", choices=("test", "val"), default="test",
+                    help="the split of the final evaluation: test, or val for tuning (the test split is "
+                         "for final runs; validation during training always uses val)")
     ev.add_argument("--eval-batch", type=int, default=8,
                     help="test episodes predicted together (MAML: one vmap); results do not depend on it")
     ev.add_argument("--eval-only", action="store_true")
@@ -151,6 +169,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                            "val_episodes", "test_episodes", "atoms", "image_size", "eval_batch",
                            "fce_steps", "pretrain_epochs", "pretrain_batch", "head_epochs", "width"))
     _check_positive(args, ("inner_steps", "test_inner_steps", "val_every", "workers"), minimum=0)
+    if args.train_seconds is not None and not (math.isfinite(args.train_seconds) and args.train_seconds > 0):
+        raise ValueError(f"--train-seconds must be a positive number of seconds, got {args.train_seconds}")
     if not 0.0 <= args.atom_drop < 1.0:
         raise ValueError(f"--atom-drop must be in [0, 1), got {args.atom_drop}")
     grouped = args.acdc.startswith("g-")
@@ -293,7 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(args.out)
     # Everything that can fail on the user's input is checked before anything is written.
-    test_episodes = episode_source(args, "test", args.test_episodes, args.test_seed, train=False)
+    test_episodes = episode_source(args, args.test_split, args.test_episodes, args.test_seed, train=False)
     torch.manual_seed(args.seed)
     learner, spec = build_learner(args, test_episodes.dataset.channels)
     episodic = learner.training_mode == "episodic"
@@ -312,6 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         schedule = EpisodicSchedule(
             meta_steps=max(1, args.train_episodes // args.meta_batch), meta_batch=args.meta_batch,
             lr=args.lr, val_every=args.val_every, num_workers=args.workers, eval_batch=args.eval_batch,
+            train_seconds=args.train_seconds, lr_schedule=args.lr_schedule,
         )
 
     out.mkdir(parents=True, exist_ok=True)
@@ -333,6 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result, dataset=args.dataset, method=args.method, backbone=args.backbone, acdc=args.acdc,
         atoms=args.atoms if args.acdc != "none" else None, group_size=args.group_size,
         ways=args.ways, shots=args.shots, queries=args.test_queries, image_size=args.image_size,
+        split=args.test_split,
         parameters=sum(p.numel() for p in learner.backbone.parameters()),
         seconds=round(time.perf_counter() - started, 1), device=args.device, seed=args.seed,
         test_seed=args.test_seed, checkpoint=args.checkpoint, **summary,

@@ -272,3 +272,61 @@ def test_pretrain_throughput_refuses_zero(flag: str) -> None:
     pretrain = load("pretrain_throughput")
     with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
         pretrain.parse(["--quick", flag, "0"])
+
+
+def _tiny_maml_config(tmp_path: Path) -> Path:
+    """A main-job-like config small enough for a test (conv4 width 4, 2 inner steps)."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "dataset: glyphs\nbackbone: conv4\nwidth: 4\nacdc: net\natoms: 4\nways: 5\nshots: 1\nqueries: 2\n"
+        "meta_batch: 2\nlr: 0.001\ninner_steps: 2\ninner_lr: 0.1\ntest_inner_steps: 2\nfirst_order: true\n"
+        "val_every: 0\nval_episodes: 2\neval_batch: 2\ntrain_seconds: 100\nout: runs/ignored\n"
+    )
+    return config
+
+
+def test_depth_sweep_runs_cells_end_to_end_and_skips_measured_ones(tmp_path) -> None:
+    depth_sweep = load("depth_sweep")
+    out = tmp_path / "sweep.json"
+    argv = ["--config", str(_tiny_maml_config(tmp_path)), "--backbones", "conv4", "resnet10", "--shots", "1",
+            "--seeds", "0", "--train-episodes", "4", "--test-episodes", "3", "--resnet-width", "2",
+            "--threads", "1", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    depth_sweep.main(argv)
+    payload = json.loads(out.read_text())
+    assert sorted(payload["records"]) == ["conv4/net/1shot/seed0", "conv4/none/1shot/seed0",
+                                          "resnet10/net/1shot/seed0", "resnet10/none/1shot/seed0"]
+    cell = payload["records"]["resnet10/net/1shot/seed0"]
+    assert cell["settings"]["width"] == 2 and cell["settings"]["stem"] == "small"
+    assert cell["settings"]["train_episodes"] == 4 and "train_seconds" not in cell["settings"]
+    assert cell["meta_steps"] == 2 and cell["episodes"] == 3  # 4 episodes in meta-batches of 2
+    dense = payload["records"]["resnet10/none/1shot/seed0"]
+    assert dense["parameters"] > cell["parameters"]
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| resnet10 |" in table and "(1 seed)" in table
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second run finds every cell measured and runs none (the record is left as it was).
+    before = out.read_text()
+    depth_sweep.main(argv)
+    assert json.loads(out.read_text())["records"] == json.loads(before)["records"]
+
+
+def test_depth_sweep_summary_is_mean_and_std_across_seeds() -> None:
+    depth_sweep = load("depth_sweep")
+    records = {f"resnet10/net/1shot/seed{s}": {"backbone": "resnet10", "acdc": "net", "shots": 1,
+                                               "accuracy_mean": acc} for s, acc in enumerate([50.0, 54.0, 58.0])}
+    (row,) = depth_sweep.summarize(records)
+    assert row["seeds"] == 3 and row["mean"] == pytest.approx(54.0) and row["std"] == pytest.approx(4.0)
+
+
+def test_tune_glyphs_stage_winners_build_the_next_base() -> None:
+    tune = load("tune_glyphs")
+    records = {}
+    for index, (_, _, candidates) in enumerate(tune.STAGES[:2], start=1):
+        for rank, name in enumerate(candidates):
+            records[f"{index}/{name}"] = {"val_accuracy": 50.0 + rank}  # the last candidate wins
+    settings = tune.best_settings(records, 2)
+    last = [list(c.items())[-1][1] for _, _, c in tune.STAGES[:2]]
+    expected = {**tune.BASE, **last[0], **last[1]}
+    assert settings == expected
+    with pytest.raises(RuntimeError, match="stage 3 .* is not complete"):
+        tune.best_settings(records, 3)

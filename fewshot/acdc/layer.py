@@ -19,7 +19,8 @@ inputs through ``A[:s, :c_in]``. A ShuffleNet channel shuffle over the ``g`` out
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -220,6 +221,7 @@ class ACDCConv2d(nn.Module):
         self.padding_mode = padding_mode
         self._pad_for_mode = _reversed_padding(self.padding, self.kernel_size, self.dilation)
         self.atom_drop = check_atom_drop(atom_drop)
+        self._held_mask: Optional[tuple[Optional[Tensor]]] = None  # set by hold_atom_masks()
         self.evaluation = "auto"
         self.scope: Optional[str] = None  # set by convert()/expand()
 
@@ -309,7 +311,16 @@ class ACDCConv2d(nn.Module):
 
     # ---- kernel ---------------------------------------------------------------------------------
     def sample_atom_mask(self) -> Optional[Tensor]:
-        """A fresh keep-mask (already scaled by ``1/(1-p)``) in training mode, else None."""
+        """A fresh keep-mask (already scaled by ``1/(1-p)``) in training mode, else None.
+
+        Inside :func:`hold_atom_masks` every forward gets the held mask instead (or None: no atom-drop).
+        """
+        if self._held_mask is not None:
+            return self._held_mask[0]
+        return self.draw_atom_mask()
+
+    def draw_atom_mask(self) -> Optional[Tensor]:
+        """A newly drawn keep-mask in training mode (None in eval mode or without atom-drop)."""
         p = self.atom_drop
         if not self.training or p == 0.0:
             return None
@@ -394,3 +405,23 @@ class ACDCConv2d(nn.Module):
         if self.bias is None:
             s += ", bias=False"
         return s + f", atom_drop={self.atom_drop}, scope={self.scope!r}"
+
+
+@contextmanager
+def hold_atom_masks(model: nn.Module, drop: bool = True) -> Iterator[None]:
+    """Within this context every ACDC layer of ``model`` uses one atom-drop mask for all its forwards.
+
+    ``drop=True``: one mask per layer is drawn on entry (as a forward would draw it: none in eval mode)
+    and reused by every forward inside, e.g. all inner steps and the query pass of one MAML task;
+    under ``torch.func.vmap(randomness="different")`` each task draws its own. ``drop=False``: no
+    atom-drop inside. The layers draw fresh masks again after the context.
+    """
+    layers = [m for m in model.modules() if isinstance(m, ACDCConv2d)]
+    previous = [layer._held_mask for layer in layers]
+    try:
+        for layer in layers:
+            layer._held_mask = (layer.draw_atom_mask() if drop else None,)
+        yield
+    finally:
+        for layer, held in zip(layers, previous):
+            layer._held_mask = held

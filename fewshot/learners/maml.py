@@ -17,11 +17,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from fewshot.acdc.layer import hold_atom_masks
 from fewshot.data.episode import Episode
 from fewshot.learners.base import Learner, register_learner
 
 ADAPT_CHOICES = ("all", "atoms", "coefficients", "head")
 BN_MODES = ("transductive", "support")
+ATOM_DROP_MODES = ("step", "task", "query")
 
 
 def select_adapted(names: Sequence[str], adapt: str) -> list[str]:
@@ -123,9 +125,15 @@ class MAML(Learner):
         test_inner_steps / test_inner_lr: the same at evaluation (``predict``).
         first_order: drop the second-order terms (FOMAML).
         adapt: what the inner loop updates (see :func:`select_adapted`).
-        learn_inner_lr: learn one inner step size per adapted tensor and step (Meta-SGD / MAML++).
+        learn_inner_lr: learn one inner step size per adapted tensor and training step (Meta-SGD /
+            MAML++). Test steps beyond ``inner_steps`` were never trained: they use the step size
+            learned for the last training step.
         bn_mode: ``transductive`` (BatchNorm uses the statistics of the batch it sees, as Chen et al.)
             or ``support`` (query images are normalized with the adapted support set's statistics).
+        inner_atom_drop: how ACDC atom-drop acts in meta-training: ``step`` (a new mask at every
+            forward: each inner step and the query pass), ``task`` (one mask per layer and task, used
+            by all of them) or ``query`` (no atom-drop on the support steps, a new mask at the query
+            pass). Evaluation never drops atoms (layers in eval mode).
         vectorize: run the tasks of a meta-batch (and episodes predicted together) as one batch
             through ``torch.func.vmap`` instead of one after the other; same results. On a 2-core CPU
             this pays for narrow networks (per-op overhead dominates) and costs for Chen et al.'s
@@ -146,11 +154,16 @@ class MAML(Learner):
         learn_inner_lr: bool = False,
         bn_mode: str = "transductive",
         vectorize: bool = False,
+        inner_atom_drop: str = "step",
     ) -> None:
         super().__init__(backbone, ways)
         for flag, value in (("inner_steps", inner_steps), ("test_inner_steps", test_inner_steps)):
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
+        if inner_atom_drop not in ATOM_DROP_MODES:
+            raise ValueError(f"unknown inner_atom_drop {inner_atom_drop!r}; choose one of: {', '.join(ATOM_DROP_MODES)}")
+        if learn_inner_lr and inner_steps < 1:
+            raise ValueError("learn_inner_lr needs inner_steps >= 1 (the step sizes are learned in training)")
         if bn_mode not in BN_MODES:
             raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of: {', '.join(BN_MODES)}")
         features = getattr(backbone, "out_features", None)
@@ -166,6 +179,7 @@ class MAML(Learner):
         self.bn_mode = bn_mode
         self.adapt = adapt
         self.vectorize = vectorize
+        self.inner_atom_drop = inner_atom_drop
         self.adapted_names = select_adapted(list(self.model_parameters()), adapt)
         self._no_running_stats: dict[str, None] = {
             f"{name}.{buffer}": None
@@ -176,10 +190,9 @@ class MAML(Learner):
         }
         self.inner_lrs: nn.ParameterDict | None = None
         if learn_inner_lr:
-            steps = max(inner_steps, test_inner_steps)
             self.inner_lrs = nn.ParameterDict(
                 {
-                    _lr_key(n): nn.Parameter(torch.full((steps,), float(inner_lr)))
+                    _lr_key(n): nn.Parameter(torch.full((inner_steps,), float(inner_lr)))
                     for n in self.adapted_names
                 }
             )
@@ -223,7 +236,8 @@ class MAML(Learner):
         Gradients come from ``torch.func.grad``, so the function also runs under ``torch.func.vmap``
         (one task per batch entry). Second order by default: the result stays differentiable to
         ``params``; with ``first_order`` the inner gradients are constants (FOMAML).
-        ``learned_lrs`` (keyed like ``inner_lrs``) replace ``lr`` with a step size per tensor and step.
+        ``learned_lrs`` (keyed like ``inner_lrs``) replace ``lr`` with a step size per tensor and step;
+        steps beyond the learned ones use the last learned step size.
         """
         fast = {n: params[n] for n in self.adapted_names}
         frozen = {n: t for n, t in params.items() if n not in fast}
@@ -237,7 +251,7 @@ class MAML(Learner):
         for step in range(steps):
             grads = torch.func.grad(support_loss)(fast)
             fast = {
-                n: w - (lr if learned_lrs is None else learned_lrs[_lr_key(n)][step]) * grads[n]
+                n: w - (lr if learned_lrs is None else _learned_rate(learned_lrs, n, step)) * grads[n]
                 for n, w in fast.items()
             }
         return {**frozen, **fast}
@@ -259,12 +273,12 @@ class MAML(Learner):
             with torch.no_grad():  # torch.func.grad still differentiates the support loss inside
                 grads = torch.func.grad(support_loss)(current)
                 step_sizes = {
-                    n: lr if learned_lrs is None else learned_lrs[_lr_key(n)][step] for n in current
+                    n: lr if learned_lrs is None else _learned_rate(learned_lrs, n, step) for n in current
                 }
                 current = {n: w - step_sizes[n] * grads[n] for n, w in current.items()}
             if learned_lrs is not None:
                 for n, g in grads.items():
-                    rate = learned_lrs[_lr_key(n)][step]
+                    rate = _learned_rate(learned_lrs, n, step)
                     learned_terms[n].append((rate.detach() - rate) * g)  # value 0, derivative -g
         if not torch.is_grad_enabled():  # evaluation: no derivative is wanted
             return current
@@ -320,8 +334,13 @@ class MAML(Learner):
         else:
             steps, lr, first_order = self.test_inner_steps, self.test_inner_lr, True
         learned = self._learned_step_sizes(detach=not training)
-        fast = self.adapt_to_support(params, support_images, support_labels, steps, lr, first_order, learned)
-        return self._query_logits(fast, support_images, query_images)
+        mode = self.inner_atom_drop if training else "step"  # evaluation: layers in eval mode, no drop
+        with hold_atom_masks(self) if mode == "task" else nullcontext():
+            with hold_atom_masks(self, drop=False) if mode == "query" else nullcontext():
+                fast = self.adapt_to_support(
+                    params, support_images, support_labels, steps, lr, first_order, learned
+                )
+            return self._query_logits(fast, support_images, query_images)
 
     def loss(self, episode: Episode) -> tuple[Tensor, Tensor]:
         """Query cross-entropy after adapting to the support set; differentiable to the meta-parameters."""
@@ -390,6 +409,12 @@ class MAML(Learner):
         second_order = training and not self.first_order
         with _CompositeBatchNorm() if second_order else nullcontext():
             return torch.func.vmap(task, in_dims=(None, 0, 0, 0), randomness="different")(params, *stacked)
+
+
+def _learned_rate(learned_lrs: dict[str, Tensor], name: str, step: int) -> Tensor:
+    """The learned step size of ``name`` at inner step ``step`` (the last learned one beyond them)."""
+    rates = learned_lrs[_lr_key(name)]
+    return rates[min(step, rates.shape[0] - 1)]
 
 
 def _lr_key(name: str) -> str:

@@ -3,6 +3,7 @@ checkpoints, exact resume, a tqdm bar and a JSONL log."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from fewshot.training.checkpoint import (
 LAST = "last.pt"
 BEST = "best.pt"
 LOG = "log.jsonl"
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -37,7 +39,10 @@ class EpisodicSchedule:
     ``meta_steps`` meta-updates of ``meta_batch`` episodes each (Adam, ``lr``); validation on the fixed
     validation episodes every ``val_every`` meta-steps and after the last one; ``num_workers``
     DataLoader workers produce the training episodes; ``eval_batch`` validation episodes are predicted
-    together.
+    together. ``train_seconds`` (optional) also ends training after the meta-step that passes that many
+    seconds of training (a resumed run counts the seconds of its earlier part); the last step is then
+    validated as at the end of the budget. ``lr_schedule``: ``constant`` or ``cosine`` (annealed to 0
+    over the fraction of the budget used: meta-steps, or seconds when that fraction is larger).
     """
 
     meta_steps: int
@@ -46,6 +51,8 @@ class EpisodicSchedule:
     val_every: int = 0
     num_workers: int = 0
     eval_batch: int = 1
+    train_seconds: float | None = None
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         for name in ("meta_steps", "meta_batch"):
@@ -53,6 +60,23 @@ class EpisodicSchedule:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.val_every < 0:
             raise ValueError(f"val_every must be >= 0 (0: validate only at the end), got {self.val_every}")
+        if self.train_seconds is not None and not (math.isfinite(self.train_seconds) and self.train_seconds > 0):
+            raise ValueError(f"train_seconds must be a positive number of seconds, got {self.train_seconds}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+
+    def budget_used(self, step: int, seconds: float) -> float:
+        """The fraction of the training budget used after ``step`` meta-steps and ``seconds`` of training."""
+        used = step / self.meta_steps
+        if self.train_seconds is not None:
+            used = max(used, seconds / self.train_seconds)
+        return min(used, 1.0)
+
+    def learning_rate(self, step: int, seconds: float) -> float:
+        """The outer learning rate for the meta-step after ``step`` steps and ``seconds`` of training."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        return 0.5 * self.lr * (1.0 + math.cos(math.pi * self.budget_used(step, seconds)))
 
 
 class _MetaBatches(torch.utils.data.Dataset):
@@ -110,7 +134,7 @@ def train_episodic(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.Adam(learner.parameters(), lr=schedule.lr)
-    start, best_acc, best_step = 0, float("-inf"), -1
+    start, best_acc, best_step, seconds_before = 0, float("-inf"), -1, 0.0
     if resume:
         state = load_checkpoint(out / LAST, map_location=device)
         check_model_spec(state.get("meta"), spec, out / LAST)
@@ -118,15 +142,16 @@ def train_episodic(
         optimizer.load_state_dict(state["optimizer"])
         start = state["progress"]["step"]
         best_acc, best_step = state["progress"]["best_val_acc"], state["progress"]["best_step"]
+        seconds_before = float(state["progress"].get("train_seconds", 0.0))
         _keep_log_until(out / LOG, start)
         restore_rng_state(state["rng"][0])
     elif (out / LOG).exists():
         (out / LOG).unlink()
 
-    def checkpoint(path: Path, step: int) -> None:
+    def checkpoint(path: Path, step: int, seconds: float) -> None:
         save_checkpoint(
             path, model=learner, meta=spec, optimizer=optimizer.state_dict(),
-            progress={"step": step, "best_val_acc": best_acc, "best_step": best_step},
+            progress={"step": step, "best_val_acc": best_acc, "best_step": best_step, "train_seconds": seconds},
             rng=[capture_rng_state()], config=config or {}, schedule=asdict(schedule),
         )
 
@@ -139,30 +164,45 @@ def train_episodic(
     )
     started = time.perf_counter()
     bar = tqdm(loader, initial=start, total=schedule.meta_steps, desc="meta-train", disable=not progress)
+    step, stopped_by, seconds = start, "meta_steps", seconds_before
     with open(out / LOG, "a") as log:
         for step, batch in enumerate(bar, start=start + 1):
             learner.train()
             batch = [e.to(device) for e in batch]
+            lr = schedule.learning_rate(step - 1, seconds_before + time.perf_counter() - started)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             loss, logits = learner.backward_batch(batch)
             optimizer.step()
+            seconds = seconds_before + time.perf_counter() - started
+            out_of_time = schedule.train_seconds is not None and seconds >= schedule.train_seconds
             acc = sum(episode_accuracy(lg, e.query_labels) for lg, e in zip(logits, batch)) / len(batch)
-            record: dict[str, Any] = {"step": step, "loss": round(loss.item(), 6), "train_acc": round(acc, 3)}
+            record: dict[str, Any] = {"step": step, "loss": round(loss.item(), 6), "train_acc": round(acc, 3),
+                                      "seconds": round(seconds, 2)}
+            if schedule.lr_schedule != "constant":
+                record["lr"] = lr
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.1f}")
-            if step == schedule.meta_steps or (schedule.val_every and step % schedule.val_every == 0):
+            if out_of_time or step == schedule.meta_steps or (schedule.val_every and step % schedule.val_every == 0):
                 learner.eval()
                 val = evaluate(learner, val_episodes, device=device, progress=False, batch=schedule.eval_batch)
                 record.update(val_acc=round(val.mean, 4), val_ci95=round(val.ci95, 4))
                 if val.mean > best_acc:
                     best_acc, best_step = val.mean, step
-                    checkpoint(out / BEST, step)
-                checkpoint(out / LAST, step)
+                    checkpoint(out / BEST, step, seconds)
+                checkpoint(out / LAST, step, seconds)
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.1f}", val=f"{val.mean:.1f}")
             log.write(json.dumps(record) + "\n")
             log.flush()
+            if out_of_time and step < schedule.meta_steps:
+                stopped_by = "train_seconds"
+                break
+    bar.close()
     return {
-        "meta_steps": schedule.meta_steps,
+        "meta_steps": step,
+        "meta_steps_planned": schedule.meta_steps,
+        "stopped_by": stopped_by,
         "best_val_acc": best_acc,
         "best_step": best_step,
-        "train_seconds": round(time.perf_counter() - started, 2),
+        "train_seconds": round(seconds, 2),
     }
