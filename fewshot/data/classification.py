@@ -20,7 +20,6 @@ Datasets:
 from __future__ import annotations
 
 import hashlib
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -30,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
+from fewshot.data.safe_pickle import ForbiddenGlobalError, load_data_pickle
 from fewshot.data.transforms import GLYPHS_MEAN, GLYPHS_STD, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -223,9 +223,11 @@ def _cifar_layout(name: str) -> tuple[str, list[str], list[str], str, str]:
 
 
 def _load_pickle(path: Path, what: str) -> dict:
+    """A CIFAR batch or meta file (Python 2 pickles), read without running code (``safe_pickle``)."""
     try:
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
+        data = load_data_pickle(path, encoding="latin1")
+    except ForbiddenGlobalError:
+        raise
     except Exception as exc:  # truncated, not a pickle, ...
         raise ValueError(f"{what}: {str(path)!r} is not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict):

@@ -19,7 +19,6 @@ import csv
 import hashlib
 import json
 import os
-import pickle
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from fewshot.data.cache import (
     write_store,
 )
 from fewshot.data.imageio import decode_into, resize_array
+from fewshot.data.safe_pickle import ForbiddenGlobalError, load_data_pickle
 from fewshot.data.store import ClassIndexedDataset, check_split
 
 README = "data/miniimagenet/README.md"
@@ -193,16 +193,21 @@ def _read_json(json_path: Path) -> tuple[list[str], list[int], Filler]:
     return classes, counts, _file_filler(ordered)
 
 
-def _read_pickle(path: Path) -> tuple[list[str], list[int], Filler]:
+def _load_pickle(path: Path) -> Any:
+    """The object pickled in ``path`` (by Python 3 or 2), read without running code (``safe_pickle``)."""
     try:
-        with open(path, "rb") as f:
-            try:
-                data = pickle.load(f)
-            except UnicodeDecodeError:  # written by Python 2
-                f.seek(0)
-                data = pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, OSError) as e:
-        raise ValueError(f"cannot read pickle {str(path)!r}: {e}") from None
+        try:
+            return load_data_pickle(path)
+        except UnicodeDecodeError:  # written by Python 2
+            return load_data_pickle(path, encoding="latin1")
+    except ForbiddenGlobalError:
+        raise
+    except Exception as e:  # truncated, not a pickle, inconsistent numpy state, ...
+        raise ValueError(f"cannot read pickle {str(path)!r}: {type(e).__name__}: {e}") from None
+
+
+def _read_pickle(path: Path) -> tuple[list[str], list[int], Filler]:
+    data = _load_pickle(path)
     if not isinstance(data, dict):
         raise ValueError(f"{str(path)!r}: expected a dict with keys 'image_data' and 'class_dict', got {type(data).__name__}")
     for key in ("image_data", "class_dict"):
