@@ -207,3 +207,55 @@ def test_dataset_pickles_by_file_name(layouts, tmp_path):
     clone = pickle.loads(pickle.dumps(ds))
     assert np.array_equal(np.asarray(clone.images), expected["train"]) and clone.classes == ds.classes
     assert Path(clone.images.filename) == Path(ds.images.filename)
+
+
+# ------------------------------------------------------------------------------------ bad files: one clear error
+
+
+def write_mini_pickle(root: Path, split: str, image_data, class_dict) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"mini-imagenet-cache-{split}.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"image_data": image_data, "class_dict": class_dict}, f)
+    return path
+
+
+def assert_nothing_cached(cache: Path) -> None:
+    assert not (cache / "miniimagenet").exists() or list((cache / "miniimagenet").iterdir()) == []
+
+
+@pytest.mark.parametrize("index", [-1, 4, 10**6])
+def test_pickle_row_index_out_of_range(tmp_path, index):
+    images = np.zeros((4, SIZE, SIZE, 3), np.uint8)
+    write_mini_pickle(tmp_path / "mini", "test", images, {"n01930112": [0, 1], "n01981276": [2, index]})
+    with pytest.raises(ValueError) as err:
+        MiniImageNet(tmp_path / "mini", "test", image_size=SIZE, cache=tmp_path / "cache")
+    assert str(err.value) == (
+        f"'{tmp_path / 'mini' / 'mini-imagenet-cache-test.pkl'}': class 'n01981276' has row index {index}, "
+        "outside the valid range 0..3 of image_data (4 images)"
+    )
+    assert_nothing_cached(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("image_data, got", [
+    (["abc", "def"], "list"),
+    (np.array(["abc", "def"]), "<U3 array of shape (2,)"),
+    (np.zeros((2, SIZE, SIZE, 3), np.float32), "float32 array of shape (2, 12, 12, 3)"),
+])
+def test_pickle_image_data_not_a_uint8_image_array(tmp_path, image_data, got):
+    path = write_mini_pickle(tmp_path / "mini", "train", image_data, {"n01532829": [0, 1]})
+    with pytest.raises(ValueError) as err:
+        MiniImageNet(tmp_path / "mini", "train", image_size=SIZE, cache=tmp_path / "cache")
+    assert str(err.value) == f"'{path}': 'image_data' must be a uint8 array N×H×W×3, got {got}"
+    assert_nothing_cached(tmp_path / "cache")
+
+
+def test_pickle_truncated(layouts, tmp_path):
+    roots, _, _ = layouts
+    root = tmp_path / "mini"
+    root.mkdir()
+    whole = (roots["pickle"] / "mini-imagenet-cache-train.pkl").read_bytes()
+    (root / "mini-imagenet-cache-train.pkl").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cannot read pickle '.*mini-imagenet-cache-train\.pkl': UnpicklingError") as err:
+        MiniImageNet(root, "train", image_size=SIZE, cache=tmp_path / "cache")
+    assert "\n" not in str(err.value)

@@ -52,6 +52,13 @@ def load_class_split(path: str | os.PathLike[str] | None = None) -> dict[str, li
     return {k: list(v) for k, v in json.loads(path.read_text()).items()}
 
 
+def _describe(value: Any) -> str:
+    """``uint8 array of shape (2, 3)`` / ``list``: what a value is, for error messages."""
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} array of shape {value.shape}"
+    return type(value).__name__
+
+
 # ---------------------------------------------------------------- layout detection
 def expected_files(root: str | os.PathLike[str], split: str) -> dict[str, list[list[Path]]]:
     """For each layout, the alternative sets of paths that hold ``split`` of miniImageNet under ``root``."""
@@ -206,20 +213,41 @@ def _load_pickle(path: Path) -> Any:
         raise ValueError(f"cannot read pickle {str(path)!r}: {type(e).__name__}: {e}") from None
 
 
+def _class_rows(path: Path, name: str, rows: Any, n_images: int) -> np.ndarray:
+    """The row indices of class ``name`` as int64, each checked to lie in ``0..n_images - 1``."""
+    indices = np.asarray(rows) if isinstance(rows, (list, tuple, np.ndarray)) else None
+    if indices is None or indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(indices.dtype, np.integer)):
+        raise ValueError(f"{str(path)!r}: class_dict[{name!r}] must be a list of row indices into image_data, "
+                         f"got {_describe(rows)}")
+    if indices.size == 0:
+        raise ValueError(f"{str(path)!r}: class {name!r} has no images (empty list in class_dict)")
+    bad = indices[(indices < 0) | (indices >= n_images)]
+    if bad.size:
+        raise ValueError(f"{str(path)!r}: class {name!r} has row index {int(bad[0])}, outside the valid range "
+                         f"0..{n_images - 1} of image_data ({n_images} images)")
+    return indices.astype(np.int64)
+
+
 def _read_pickle(path: Path) -> tuple[list[str], list[int], Filler]:
     data = _load_pickle(path)
     if not isinstance(data, dict):
         raise ValueError(f"{str(path)!r}: expected a dict with keys 'image_data' and 'class_dict', got {type(data).__name__}")
     for key in ("image_data", "class_dict"):
         if key not in data:
-            raise ValueError(f"{str(path)!r}: missing key {key!r} (keys found: {sorted(data)})")
-    images, class_dict = np.asarray(data["image_data"]), data["class_dict"]
+            raise ValueError(f"{str(path)!r}: missing key {key!r} (keys found: {sorted(map(str, data))})")
+    images, class_dict = data["image_data"], data["class_dict"]
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{str(path)!r}: 'image_data' must be a uint8 array N×H×W×3, got {_describe(images)}")
+    if not isinstance(class_dict, dict) or not all(isinstance(c, str) for c in class_dict):
+        raise ValueError(f"{str(path)!r}: 'class_dict' must be a dict of class name (wnid) -> list of row indices, "
+                         f"got {_describe(class_dict)}")
     classes = sorted(class_dict)
-    counts = [len(class_dict[c]) for c in classes]
+    rows = {c: _class_rows(path, c, class_dict[c], len(images)) for c in classes}
+    counts = [len(rows[c]) for c in classes]
 
     def blocks() -> Iterator[np.ndarray]:
         for c in classes:
-            yield images[np.asarray(class_dict[c], dtype=np.int64)]
+            yield images[rows[c]]
 
     return classes, counts, _array_filler(blocks, path)
 
