@@ -259,3 +259,58 @@ def test_pickle_truncated(layouts, tmp_path):
     with pytest.raises(ValueError, match=r"cannot read pickle '.*mini-imagenet-cache-train\.pkl': UnpicklingError") as err:
         MiniImageNet(root, "train", image_size=SIZE, cache=tmp_path / "cache")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["not hdf5", "truncated"])
+def test_hdf5_not_hdf5_or_truncated(layouts, tmp_path, damage):
+    roots, _, _ = layouts
+    root = tmp_path / "mini"
+    root.mkdir()
+    whole = (roots["hdf5"] / "val_data.hdf5").read_bytes()
+    (root / "val_data.hdf5").write_bytes(b"this is not an HDF5 file" if damage == "not hdf5" else whole[: len(whole) // 2])
+    (root / "val_labels.json").write_text((roots["hdf5"] / "val_labels.json").read_text())
+    with pytest.raises(ValueError) as err:
+        MiniImageNet(root, "val", image_size=SIZE, cache=tmp_path / "cache")
+    message = str(err.value)
+    assert message.startswith(f"'{root / 'val_data.hdf5'}' is not a readable HDF5 file (") and "\n" not in message
+    assert_nothing_cached(tmp_path / "cache")
+
+
+def test_hdf5_class_that_is_not_an_image_array(tmp_path):
+    root = tmp_path / "mini"
+    root.mkdir()
+    with h5py.File(root / "val_data.hdf5", "w") as f:
+        f.create_group("datasets").create_dataset("n01855672", data=np.zeros((2, SIZE, SIZE), np.uint8))
+    (root / "val_labels.json").write_text(json.dumps(["n01855672"]))
+    with pytest.raises(ValueError, match=r"val_data\.hdf5': class 'n01855672' must be a uint8 array n×H×W×3, "
+                                         r"got uint8 array of shape \(2, 12, 12\)"):
+        MiniImageNet(root, "val", image_size=SIZE, cache=tmp_path / "cache")
+    assert_nothing_cached(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("novel.json", '{"label_names": ["a"], "image_names": [}'),
+    ("test_labels.json", "[n01930112]"),
+    ("novel.json", b"\xff\xfe not utf-8"),
+])
+def test_malformed_json_names_the_file(tmp_path, name, text):
+    root = tmp_path / "mini"
+    root.mkdir()
+    if name == "test_labels.json":
+        with h5py.File(root / "test_data.hdf5", "w") as f:
+            f.create_group("datasets")
+    path = root / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError) as err:
+        MiniImageNet(root, "test", image_size=SIZE, cache=tmp_path / "cache")
+    assert str(err.value).startswith(f"'{path}' is not valid JSON (") and "\n" not in str(err.value)
+
+
+def test_json_list_of_wrong_shape(tmp_path):
+    (tmp_path / "val.json").write_text(json.dumps(["a", "b"]))
+    with pytest.raises(ValueError, match=r"val\.json': expected a JSON object with label_names, image_names and "
+                                         r"image_labels, got a list"):
+        MiniImageNet(tmp_path, "val", cache=tmp_path / "c")
+    (tmp_path / "val.json").write_text(json.dumps({"label_names": ["a"], "image_names": [3], "image_labels": [0]}))
+    with pytest.raises(ValueError, match=r"val\.json': 'image_names' must be a list of strings"):
+        MiniImageNet(tmp_path, "val", cache=tmp_path / "c")

@@ -49,7 +49,18 @@ def load_class_split(path: str | os.PathLike[str] | None = None) -> dict[str, li
     path = Path(path) if path is not None else SPLIT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"class split file not found: {str(path)!r}")
-    return {k: list(v) for k, v in json.loads(path.read_text()).items()}
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r}: expected a JSON object of split name -> list of wnids")
+    return {k: list(v) for k, v in data.items()}
+
+
+def load_json(path: Path) -> Any:
+    """The JSON value in ``path``; a ValueError naming the file if it is not valid UTF-8 JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
 
 
 def _describe(value: Any) -> str:
@@ -175,14 +186,22 @@ def _read_csv(csv_path: Path, images_dir: Path) -> tuple[list[str], list[int], F
 
 
 def _read_json(json_path: Path) -> tuple[list[str], list[int], Filler]:
-    data = json.loads(json_path.read_text())
+    data = load_json(json_path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(json_path)!r}: expected a JSON object with label_names, image_names and image_labels, "
+                         f"got a {type(data).__name__}")
     for key in ("label_names", "image_names", "image_labels"):
         if key not in data:
             raise ValueError(f"{str(json_path)!r}: missing key {key!r} (keys found: {sorted(data)})")
     names, files, labels = data["label_names"], data["image_names"], data["image_labels"]
+    for key, value in (("label_names", names), ("image_names", files)):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{str(json_path)!r}: {key!r} must be a list of strings")
+    if not isinstance(labels, list):
+        raise ValueError(f"{str(json_path)!r}: 'image_labels' must be a list of integers")
     if len(files) != len(labels):
         raise ValueError(f"{str(json_path)!r}: {len(files)} image_names but {len(labels)} image_labels")
-    bad = [lab for lab in labels if not isinstance(lab, int) or not 0 <= lab < len(names)]
+    bad = [lab for lab in labels if isinstance(lab, bool) or not isinstance(lab, int) or not 0 <= lab < len(names)]
     if bad:
         raise ValueError(f"{str(json_path)!r}: image label {bad[0]!r} is not an index into label_names (0..{len(names) - 1})")
     root = json_path.parent
@@ -260,24 +279,44 @@ def _read_hdf5(data_path: Path, labels_path: Path) -> tuple[list[str], list[int]
             f"reading the HDF5 layout of miniImageNet ({str(data_path)!r}) needs h5py, an optional extra: "
             "pip install 'acdc-fewshot[hdf5]' (or pip install h5py)"
         ) from None
-    wnids = json.loads(labels_path.read_text())
+    wnids = load_json(labels_path)
     if not isinstance(wnids, list) or not all(isinstance(w, str) for w in wnids):
         raise ValueError(f"{str(labels_path)!r}: expected a JSON list of class names (wnids)")
-    with h5py.File(data_path, "r") as f:
-        if "datasets" not in f:
-            raise ValueError(f"{str(data_path)!r}: missing group 'datasets' (found: {sorted(f.keys())})")
-        missing = [w for w in wnids if w not in f["datasets"]]
-        if missing:
-            raise ValueError(f"{str(data_path)!r}: no array for class {missing[0]!r} listed in {str(labels_path)!r}")
-        classes = sorted(wnids)
-        counts = [int(f["datasets"][c].shape[0]) for c in classes]
+    try:
+        with h5py.File(data_path, "r") as f:
+            counts = _hdf5_counts(f, data_path, labels_path, wnids)
+    except OSError as e:  # not HDF5, truncated, unreadable
+        raise ValueError(f"{str(data_path)!r} is not a readable HDF5 file ({e})") from None
+    classes = sorted(wnids)
 
     def blocks() -> Iterator[np.ndarray]:
-        with h5py.File(data_path, "r") as f:
-            for c in classes:
-                yield f["datasets"][c][()]
+        try:
+            with h5py.File(data_path, "r") as f:
+                for c in classes:
+                    yield f["datasets"][c][()]
+        except OSError as e:
+            raise ValueError(f"{str(data_path)!r}: cannot read the images ({e})") from None
 
-    return classes, counts, _array_filler(blocks, data_path)
+    return classes, [counts[c] for c in classes], _array_filler(blocks, data_path)
+
+
+def _hdf5_counts(f: Any, data_path: Path, labels_path: Path, wnids: list[str]) -> dict[str, int]:
+    """Images per class of an open HDF5 file, after checking that every class is a uint8 n×H×W×3 array."""
+    import h5py
+
+    group = f.get("datasets")
+    if not isinstance(group, h5py.Group):
+        raise ValueError(f"{str(data_path)!r}: missing group 'datasets' (found: {sorted(f.keys())})")
+    counts = {}
+    for w in wnids:
+        array = group.get(w)
+        if array is None:
+            raise ValueError(f"{str(data_path)!r}: no array for class {w!r} listed in {str(labels_path)!r}")
+        if not isinstance(array, h5py.Dataset) or array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+            got = f"{array.dtype} array of shape {array.shape}" if isinstance(array, h5py.Dataset) else "a group"
+            raise ValueError(f"{str(data_path)!r}: class {w!r} must be a uint8 array n×H×W×3, got {got}")
+        counts[w] = int(array.shape[0])
+    return counts
 
 
 def _reader(layout: str, files: list[Path]) -> tuple[list[str], list[int], Filler]:
