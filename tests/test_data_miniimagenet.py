@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -314,3 +315,27 @@ def test_json_list_of_wrong_shape(tmp_path):
     (tmp_path / "val.json").write_text(json.dumps({"label_names": ["a"], "image_names": [3], "image_labels": [0]}))
     with pytest.raises(ValueError, match=r"val\.json': 'image_names' must be a list of strings"):
         MiniImageNet(tmp_path, "val", cache=tmp_path / "c")
+
+
+@pytest.mark.parametrize("file, damage", [
+    ("images.npy", "truncate"), ("targets.npy", "truncate"), ("meta.json", "truncate"), ("targets.npy", "shorter"),
+])
+def test_damaged_cache_names_the_file_and_how_to_rebuild(layouts, tmp_path, file, damage):
+    roots, expected, _ = layouts
+    ds = MiniImageNet(roots["pickle"], "test", image_size=SIZE, cache=tmp_path)
+    path = ds.cache_dir / file
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size - 50])
+    else:
+        np.save(path, np.zeros(3, np.int64))
+    del ds
+    with pytest.raises(ValueError) as err:
+        MiniImageNet(roots["pickle"], "test", image_size=SIZE, cache=tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"cache file '{path}' is damaged (") and "\n" not in message
+    assert message.endswith(f"); delete the cache folder '{path.parent}' and it is rebuilt on the next run")
+    if file == "images.npy":
+        assert "(mmap length is greater than file size)" in message
+    shutil.rmtree(path.parent)
+    rebuilt = MiniImageNet(roots["pickle"], "test", image_size=SIZE, cache=tmp_path)
+    assert np.array_equal(np.asarray(rebuilt.images), expected["test"])

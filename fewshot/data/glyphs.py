@@ -49,7 +49,7 @@ class Glyphs(ClassIndexedDataset):
     ) -> None:
         check_split(split, "glyphs")
         directory = ensure_glyphs_cache(image_size, root)
-        images, targets, classes, meta = read_store(directory / split)
+        images, targets, classes, meta = read_store(directory / split, cache_dir=directory)
         super().__init__(images, targets, classes, transform, name=f"glyphs/{split}")
         self.split = split
         self.alphabets: list[str] = list(meta["alphabets"])
