@@ -1,10 +1,16 @@
 """miniImageNet: the four layouts give identical data; caching; class split file; clear errors."""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import pickle
 import shutil
+import signal
+import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import h5py
@@ -12,8 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewshot.data import MiniImageNet, detect_layout, load_class_split
+from fewshot.data import MiniImageNet, cache, detect_layout, load_class_split
+from fewshot.data.cache import LOCK_NAME
 from fewshot.data.imageio import decode_image
+from fewshot.data.miniimagenet import miniimagenet_cache_dir
 
 SPLIT = load_class_split()
 # 3 / 2 / 2 real wnids per split, 5 images each (12×12 px): tiny but shaped like the real thing
@@ -339,3 +347,70 @@ def test_damaged_cache_names_the_file_and_how_to_rebuild(layouts, tmp_path, file
     shutil.rmtree(path.parent)
     rebuilt = MiniImageNet(roots["pickle"], "test", image_size=SIZE, cache=tmp_path)
     assert np.array_equal(np.asarray(rebuilt.images), expected["test"])
+
+
+# ------------------------------------------------------------------------------------ leftovers of killed builds
+
+
+def test_stale_temporary_folders_are_removed_on_the_next_build(layouts, tmp_path):
+    """A build killed with SIGKILL leaves ``.<cache>.tmp-*``; the next build of that cache removes it if its
+    lock is free (or, without a lock file, if untouched for a day) and leaves every other folder alone."""
+    roots, expected, _ = layouts
+    final = miniimagenet_cache_dir(roots["pickle"], "val", SIZE, cache=tmp_path)
+    final.parent.mkdir(parents=True)
+    hour_ago, two_days_ago = time.time() - 3600, time.time() - 2 * 86400
+
+    def leftover(name: str, lock: bool, when: float) -> Path:
+        folder = final.parent / name
+        folder.mkdir()
+        (folder / "images.npy").write_bytes(b"half-written")
+        if lock:
+            (folder / LOCK_NAME).touch()
+            os.utime(folder / LOCK_NAME, (when, when))
+        os.utime(folder / "images.npy", (when, when))
+        os.utime(folder, (when, when))
+        return folder
+
+    dead = leftover(f".{final.name}.tmp-dead1234", lock=True, when=hour_ago)
+    legacy = leftover(f".{final.name}.tmp-old5678", lock=False, when=two_days_ago)
+    live = leftover(f".{final.name}.tmp-live0000", lock=True, when=hour_ago)
+    recent = leftover(f".{final.name}.tmp-new0000", lock=False, when=time.time())
+    other = leftover(".val-pickle-99px-0123456789ab.tmp-dead0000", lock=True, when=hour_ago)
+    holder = os.open(live / LOCK_NAME, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a build still running (here or in another process)
+    try:
+        ds = MiniImageNet(roots["pickle"], "val", image_size=SIZE, cache=tmp_path)
+    finally:
+        os.close(holder)
+    assert np.array_equal(np.asarray(ds.images), expected["val"]) and ds.cache_dir == final
+    assert not dead.exists() and not legacy.exists()
+    assert live.exists() and recent.exists() and other.exists()
+    assert sorted(p.name for p in final.iterdir()) == ["images.npy", "meta.json", "targets.npy"]  # no lock file left
+
+
+def test_a_build_killed_by_sigkill_is_cleaned_up(tmp_path, monkeypatch):
+    """A real SIGKILL: the kernel frees the dead build's lock, so its folder counts as stale."""
+    final = tmp_path / "store"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from fewshot.data.cache import atomic_directory
+        with atomic_directory({str(final)!r}) as tmp:
+            (tmp / "images.npy").write_bytes(b"partial")
+            print(tmp, flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        tmp = Path(proc.stdout.readline().strip())
+        assert tmp.is_dir() and tmp.name.startswith(".store.tmp-")
+        monkeypatch.setattr(cache, "LOCK_GRACE_S", 0.0)
+        assert cache.remove_stale_builds(final) == []  # still running: its lock is held
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert tmp.is_dir()  # nothing cleaned up after SIGKILL ...
+    with cache.atomic_directory(final) as new:  # ... until the next build of the same cache
+        (new / "images.npy").write_bytes(b"complete")
+    assert not tmp.exists() and (final / "images.npy").read_bytes() == b"complete"
