@@ -66,3 +66,35 @@ def test_prepare_errors(tmp_path, capsys):
     assert not (tmp_path / "mini").exists()  # nothing written before every row is checked
     assert main(argv[:3] + ["--csv-dir", str(tmp_path / "nocsv")] + argv[5:]) == 2
     assert "split CSV not found" in capsys.readouterr().err
+
+
+def test_prepare_refuses_file_names_that_leave_the_output_folder(tmp_path, capsys):
+    fake_imagenet(tmp_path / "train")
+    write_csvs(tmp_path / "csv", picks=[1, 2])
+    escape = "../../escape/n0155899300000001.jpg"  # a valid <label><number> stem: only the folder part is wrong
+    val = (tmp_path / "csv" / "val.csv").read_text()
+    (tmp_path / "csv" / "train.csv").write_text(f"filename,label\nn0153282900000001.jpg,n01532829\n{escape},n01558993\n")
+    out = tmp_path / "work" / "mini"
+    argv = ["miniimagenet", "--imagenet-train", str(tmp_path / "train"), "--csv-dir", str(tmp_path / "csv"),
+            "--out", str(out), "--image-size", str(SIZE), "--workers", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: '{tmp_path / 'csv' / 'train.csv'}' line 3: file name {escape!r} would be written outside "
+                   f"the output folder '{out}'; file names must be plain names like n0153282900000005.jpg\n")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "work").exists()
+    (tmp_path / "csv" / "train.csv").write_text(f"filename,label\nn01532829/n0153282900000001.jpg,n01532829\n")
+    assert main(argv) == 2
+    assert "line 2: file name 'n01532829/n0153282900000001.jpg' is not a plain file name" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists() and val == (tmp_path / "csv" / "val.csv").read_text()
+
+
+def test_prepare_refuses_a_bad_image_size_before_writing(tmp_path, capsys):
+    fake_imagenet(tmp_path / "train")
+    write_csvs(tmp_path / "csv", picks=[1])
+    out = tmp_path / "mini"
+    for size in ("0", "-3", "4"):
+        argv = ["miniimagenet", "--imagenet-train", str(tmp_path / "train"), "--csv-dir", str(tmp_path / "csv"),
+                "--out", str(out), "--image-size", size, "--workers", "1"]
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"error: --image-size must be an integer >= 8, got {size}\n"
+        assert not out.exists()

@@ -41,6 +41,28 @@ def class_files(folder: Path) -> list[Path]:
     return sorted(files, key=key)
 
 
+def check_image_size(image_size: int) -> int:
+    """``image_size`` if it is an integer >= 8 (as ``MiniImageNet`` accepts); otherwise a ValueError."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"--image-size must be an integer >= 8, got {image_size!r}")
+    return image_size
+
+
+def check_file_name(name: str, csv_path: Path, line: int, out: Path) -> None:
+    """Refuse a CSV file name that is not a plain name, to be written as ``out/images/<name>``.
+
+    ``../../x.jpg`` or ``/tmp/x.jpg`` would be written outside ``out``; ``a/x.jpg`` into a missing folder.
+    """
+    if name not in ("", ".", "..") and Path(name).name == name:
+        return
+    where = f"{str(csv_path)!r} line {line}: file name {name!r}"
+    if not os.path.abspath(out / "images" / name).startswith(os.path.join(os.path.abspath(out), "")):
+        raise ValueError(f"{where} would be written outside the output folder {str(out)!r}; "
+                         "file names must be plain names like n0153282900000005.jpg")
+    raise ValueError(f"{where} is not a plain file name like n0153282900000005.jpg "
+                     f"(the CSV layout keeps every image directly in {str(out / 'images')!r})")
+
+
 def resolve_sources(rows: list[tuple[str, str]], imagenet_train: Path, csv_path: Path) -> list[Path]:
     """The ImageNet file behind each CSV row (``<wnid><number>.jpg`` → number-th file of the class, from 1)."""
     listing: dict[str, list[Path]] = {}
@@ -81,6 +103,7 @@ def prepare_miniimagenet(
 ) -> Path:
     """Write the CSV layout of miniImageNet to ``out``; returns ``out``."""
     imagenet_train, csv_dir, out = Path(imagenet_train), Path(csv_dir), Path(out)
+    check_image_size(image_size)
     if not imagenet_train.is_dir():
         raise FileNotFoundError(f"--imagenet-train: ImageNet train folder not found: {str(imagenet_train)!r}")
     csvs = {s: csv_dir / f"{s}.csv" for s in splits}
@@ -90,6 +113,8 @@ def prepare_miniimagenet(
     plans = {}
     for split, path in csvs.items():  # check everything before writing anything
         rows = read_split_csv(path)
+        for line, (name, _) in enumerate(rows, 2):
+            check_file_name(name, path, line, out)
         plans[split] = (rows, resolve_sources(rows, imagenet_train, path))
     (out / "images").mkdir(parents=True, exist_ok=True)
     workers = (os.cpu_count() or 1) if workers is None else workers
