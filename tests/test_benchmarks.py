@@ -321,11 +321,11 @@ def test_depth_sweep_summary_is_mean_and_std_across_seeds() -> None:
 def test_tune_glyphs_stage_winners_build_the_next_base() -> None:
     tune = load("tune_glyphs")
     records = {}
-    for index, (_, _, candidates) in enumerate(tune.STAGES[:2], start=1):
-        for rank, name in enumerate(candidates):
+    for index, stage in enumerate(tune.STAGES[:2], start=1):
+        for rank, name in enumerate(stage.candidates):
             records[f"{index}/{name}"] = {"val_accuracy": 50.0 + rank}  # the last candidate wins
     settings = tune.best_settings(records, 2)
-    last = [list(c.items())[-1][1] for _, _, c in tune.STAGES[:2]]
+    last = [list(stage.candidates.values())[-1] for stage in tune.STAGES[:2]]
     expected = {**tune.BASE, **last[0], **last[1]}
     assert settings == expected
     with pytest.raises(RuntimeError, match="stage 3 .* is not complete"):
