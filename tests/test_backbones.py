@@ -84,6 +84,67 @@ def test_conv4_flattens_like_chen_et_al(size, in_channels, features):
     assert model(torch.randn(2, in_channels, size, size)).shape == (2, features)
 
 
+# ------------------------------------------------------------------------------------------------
+# forward_map: the last feature map, from which forward_features is pooled / flattened
+@pytest.mark.parametrize("name, kw, size, shape", [
+    ("conv4", dict(image_size=28, width=8, in_channels=1), 28, (8, 1, 1)),
+    ("conv4", dict(image_size=84, width=8), 84, (8, 5, 5)),
+    ("conv4", dict(image_size=40, width=4), 40, (4, 2, 2)),
+    ("resnet10", dict(stem="small", width=4, in_channels=1), 28, (32, 4, 4)),
+    ("resnet10", dict(stem="imagenet", width=4), 84, (32, 3, 3)),
+    ("resnet10", dict(stem="imagenet", width=2), 224, (16, 7, 7)),
+    ("resnet18", dict(stem="small", width=2), 21, (16, 3, 3)),
+    ("vgg16_cifar", {}, 32, (512, 1, 1)),
+    ("vgg16_cifar", {}, 70, (512, 2, 2)),
+    ("wrn", dict(depth=10, widen_factor=1), 30, (64, 8, 8)),
+])
+def test_feature_map_shape_is_the_shape_forward_map_returns(name, kw, size, shape):
+    model = meta(name, **kw)
+    assert model.feature_map_shape(size) == shape
+    x = torch.zeros(2, kw.get("in_channels", 3), size, size, device="meta")
+    assert model.forward_map(x).shape == (2, *shape)
+
+
+@pytest.mark.parametrize("acdc", [None, "net"])
+@pytest.mark.parametrize("name, kw, size, reduce", [
+    ("conv4", dict(image_size=84, width=8), 84, "flatten"),
+    ("conv4", dict(image_size=28, width=8, in_channels=1), 28, "flatten"),
+    ("resnet10", dict(stem="small", width=4, in_channels=1), 28, "mean"),
+    ("resnet10", dict(stem="imagenet", width=4), 84, "mean"),
+    ("vgg16_cifar", {}, 64, "mean"),
+    ("wrn", dict(depth=10, widen_factor=1), 16, "mean"),
+])
+def test_forward_map_pooled_or_flattened_is_forward(name, kw, size, reduce, acdc):
+    torch.manual_seed(0)
+    model = create_backbone(name, acdc=acdc, **kw).eval()
+    x = torch.randn(3, kw.get("in_channels", 3), size, size)
+    maps = model.forward_map(x)
+    assert maps.dim() == 4 and maps.shape[1] * (maps.shape[2] * maps.shape[3] if reduce == "flatten" else 1) == \
+        model.out_features
+    pooled = maps.flatten(1) if reduce == "flatten" else maps.mean(dim=(2, 3))
+    torch.testing.assert_close(pooled, model(x))
+    assert maps.abs().sum() > 0  # not a degenerate all-zero map that would match trivially
+
+
+def test_feature_map_shape_errors():
+    with pytest.raises(ValueError, match=r"conv4 was built for 28x28 images, not image_size=84"):
+        create_backbone("conv4", image_size=28, width=4).feature_map_shape(84)
+    with pytest.raises(ValueError, match=r"resnet: image_size must be an integer >= 1, got 0"):
+        meta("resnet10").feature_map_shape(0)
+    with pytest.raises(ValueError, match=r"vgg: image_size \(5 2x2 max-pools\) must be an integer >= 32, got 31"):
+        meta("vgg16_cifar").feature_map_shape(31)
+
+
+def test_backbone_base_class_without_a_map_says_so():
+    class Vectors(fewshot.backbones.Backbone):
+        out_features = 4
+
+    with pytest.raises(NotImplementedError, match="Vectors does not expose its last feature map"):
+        Vectors().feature_map_shape(28)
+    with pytest.raises(NotImplementedError, match=r"Vectors does not expose its last feature map \(forward_map\)"):
+        Vectors().forward_map(torch.zeros(1, 3, 28, 28))
+
+
 def test_conv4_blocks_are_conv_with_bias_bn_relu_maxpool():
     model = create_backbone("conv4")
     for i in range(1, 5):

@@ -1,4 +1,5 @@
-"""What every backbone shares: ``out_features``, an optional linear head, and its ACDC block structure."""
+"""What every backbone shares: ``out_features``, its last feature map, an optional linear head, and its ACDC
+block structure."""
 from __future__ import annotations
 
 from typing import Hashable
@@ -13,6 +14,11 @@ class Backbone(nn.Module):
     ``forward_features`` (images -> ``(batch, out_features)``) and ``acdc_block_of`` (which sharing block
     a conv belongs to under the ``block`` scopes of ACDC).
 
+    Backbones whose features are a pooled or flattened feature map also implement ``forward_map`` (images
+    -> the last map ``(batch, C, H, W)``, before pooling / flattening; ``forward_features`` is computed
+    from it) and ``feature_map_shape(image_size)`` (that map's ``(C, H, W)`` for square images), which
+    learners comparing spatial positions (RelationNet) use.
+
     ``forward`` returns features when ``num_classes == 0`` (``fc`` is an ``nn.Identity``) and logits of
     ``fc = nn.Linear(out_features, num_classes)`` otherwise.
     """
@@ -26,6 +32,14 @@ class Backbone(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def forward_map(self, x: Tensor) -> Tensor:
+        """The last feature map ``(batch, C, H, W)``: the features before pooling / flattening."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its last feature map (forward_map)")
+
+    def feature_map_shape(self, image_size: int) -> tuple[int, int, int]:
+        """``(C, H, W)`` of ``forward_map`` for ``image_size`` x ``image_size`` images."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its last feature map (feature_map_shape)")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.forward_features(x))
@@ -51,6 +65,14 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def halved(size: int, times: int, *, ceil: bool) -> int:
+    """``size`` after ``times`` halvings: ceil for stride-2 convs / pools with padding 1 (3x3 / 7x7 kernels),
+    floor for 2x2 max-pools without padding."""
+    for _ in range(times):
+        size = (size + 1) // 2 if ceil else size // 2
+    return size
 
 
 def check_int(value: object, what: str, minimum: int = 1) -> int:

@@ -7,7 +7,9 @@ average pooling. Two stems:
 - ``"imagenet"``: 7x7 stride-2 conv + 3x3 stride-2 max-pool (Chen et al., torchvision);
 - ``"small"``: 3x3 stride-1 conv, no max-pool (CIFAR; 84 px few-shot inputs).
 
-Adaptive average pooling makes every ResNet accept any input size.
+Adaptive average pooling makes every ResNet accept any input size. ``forward_map`` gives the last stage's
+map before that pooling: ``(out_features, s, s)`` where ``s`` is the image size halved (rounding up) five
+times with the ImageNet stem (7 at 224 px, 3 at 84 px) and three times with the small stem (4 at 28 px).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Hashable, Sequence
 
 from torch import Tensor, nn
 
-from fewshot.backbones.base import Backbone, check_int, init_weights
+from fewshot.backbones.base import Backbone, check_int, halved, init_weights
 from fewshot.backbones.registry import register_backbone
 
 STEMS = ("imagenet", "small")
@@ -114,10 +116,19 @@ class ResNet(Backbone):
         init_weights(self)
         self._add_head(num_classes)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_map(self, x: Tensor) -> Tensor:
+        """The output of ``layer4``, before global average pooling: ``(batch, out_features, s, s)``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.avgpool(x).flatten(1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.avgpool(self.forward_map(x)).flatten(1)
+
+    def feature_map_shape(self, image_size: int) -> tuple[int, int, int]:
+        """``(out_features, s, s)``: three stride-2 stages after a stem that halves twice (ImageNet) or never."""
+        check_int(image_size, "resnet: image_size")
+        side = halved(image_size, 5 if self.stem == "imagenet" else 3, ceil=True)
+        return self.out_features, side, side
 
     def acdc_block_of(self, name: str, conv: nn.Conv2d) -> Hashable:
         """One sharing block per stage; the stem conv joins the first stage (same width)."""

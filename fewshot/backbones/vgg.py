@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fewshot.backbones.base import Backbone, check_int, init_weights
+from fewshot.backbones.base import Backbone, check_int, halved, init_weights
 from fewshot.backbones.registry import register_backbone
 
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -34,10 +34,21 @@ class VGG(Backbone):
         init_weights(self)
         self._add_head(num_classes)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_map(self, x: Tensor) -> Tensor:
+        """The output of the last stage, before global average pooling."""
         for i in range(self.num_stages):
             x = getattr(self, f"stage{i + 1}")(x)
-        return self.avgpool(x).flatten(1)
+        return x
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.avgpool(self.forward_map(x)).flatten(1)
+
+    def feature_map_shape(self, image_size: int) -> tuple[int, int, int]:
+        """``(out_features, s, s)`` with ``s = image_size // 2 ** stages`` (each stage ends in a 2x2 max-pool)."""
+        minimum = 2**self.num_stages
+        check_int(image_size, f"vgg: image_size ({self.num_stages} 2x2 max-pools)", minimum)
+        side = halved(image_size, self.num_stages, ceil=False)
+        return self.out_features, side, side
 
 
 @register_backbone("vgg16_cifar")

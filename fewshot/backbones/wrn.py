@@ -5,7 +5,7 @@ from typing import Hashable
 
 from torch import Tensor, nn
 
-from fewshot.backbones.base import Backbone, check_int, init_weights
+from fewshot.backbones.base import Backbone, check_int, halved, init_weights
 from fewshot.backbones.registry import register_backbone
 
 
@@ -73,9 +73,19 @@ class WideResNet(Backbone):
         init_weights(self)
         self._add_head(num_classes)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_map(self, x: Tensor) -> Tensor:
+        """The final BN-ReLU output of the last group, before global average pooling."""
         x = self.block3(self.block2(self.block1(self.conv1(x))))
-        return self.avgpool(self.relu(self.bn(x))).flatten(1)
+        return self.relu(self.bn(x))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.avgpool(self.forward_map(x)).flatten(1)
+
+    def feature_map_shape(self, image_size: int) -> tuple[int, int, int]:
+        """``(out_features, s, s)``: the image size halved (rounding up) by the stride-2 groups 2 and 3."""
+        check_int(image_size, "wrn: image_size")
+        side = halved(image_size, 2, ceil=True)
+        return self.out_features, side, side
 
     def acdc_block_of(self, name: str, conv: nn.Conv2d) -> Hashable:
         return "block1" if name == "conv1" else name.split(".")[0]
