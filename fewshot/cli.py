@@ -38,6 +38,9 @@ METHOD_OPTIONS: dict[str, dict[str, str | None]] = {
     "baseline": {"pretrain_epochs": None, "pretrain_batch": None, "head_epochs": "head_epochs"},
     "baseline_pp": {"pretrain_epochs": None, "pretrain_batch": None, "head_epochs": "head_epochs"},
 }
+# Run settings (not user options of the method) that a learner needs to build itself: RelationNet sizes its
+# relation module to the backbone's feature map, which depends on the image size.
+LEARNER_RUN_SETTINGS: dict[str, tuple[str, ...]] = {"relationnet": ("image_size",)}
 # Defaults of the method options (Chen et al.'s settings); options left out here default in the learner.
 METHOD_DEFAULTS: dict[str, Any] = {
     "inner_steps": 5, "inner_lr": 0.01, "first_order": False, "adapt": "all",
@@ -250,13 +253,16 @@ def model_spec(args: argparse.Namespace, in_channels: int):
 
 
 def learner_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The method-specific options of ``create_learner``."""
+    """The method-specific options of ``create_learner``, plus the run settings a learner is sized by
+    (``LEARNER_RUN_SETTINGS``)."""
     options = METHOD_OPTIONS.get(args.method, {})
-    return {
+    chosen = {
         keyword: getattr(args, name)
         for name, keyword in options.items()
         if keyword is not None and getattr(args, name) is not None
     }
+    chosen.update({name: getattr(args, name) for name in LEARNER_RUN_SETTINGS.get(args.method, ())})
+    return chosen
 
 
 def build_learner(args: argparse.Namespace, in_channels: int):

@@ -14,7 +14,6 @@ from fewshot.learners.baseline import Baseline, BaselinePP, PretrainModel
 from fewshot.learners.heads import CosineClassifier, class_means, default_cosine_scale
 from fewshot.learners.matchingnet import MatchingNet
 from fewshot.learners.protonet import ProtoNet
-from fewshot.learners.relationnet import RelationNet
 
 EPISODIC = ("protonet", "matchingnet", "relationnet")
 SUPERVISED = ("baseline", "baseline_pp")
@@ -31,7 +30,10 @@ def _one_thread():
 
 
 class VectorBackbone(nn.Module):
-    """Identity "backbone": returns the input vectors (images of shape (N, d, 1, 1))."""
+    """Identity "backbone": returns the input vectors (images of shape (N, d, 1, 1)); its feature map
+    (RelationNet) is the 1x1 input itself."""
+
+    image_size = 1
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -40,8 +42,18 @@ class VectorBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
 
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def feature_map_shape(self, image_size: int) -> tuple[int, int, int]:
+        return self.out_features, 1, 1
+
 
 class MLPBackbone(nn.Module):
+    """A two-layer MLP on (N, dim_in, 1, 1) "images"; its feature map (RelationNet) is the output as 1x1."""
+
+    image_size = 1
+
     def __init__(self, dim_in: int = 16, dim_out: int = 32, batchnorm: bool = False) -> None:
         super().__init__()
         self.out_features = dim_out
@@ -53,6 +65,12 @@ class MLPBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).view(x.shape[0], self.out_features, 1, 1)
+
+    def feature_map_shape(self, image_size: int) -> tuple[int, int, int]:
+        return self.out_features, 1, 1
 
 
 def as_images(vectors: torch.Tensor) -> torch.Tensor:
@@ -121,7 +139,9 @@ def test_registered_and_training_mode(name):
 def test_unknown_option_lists_valid_ones():
     with pytest.raises(TypeError) as err:
         create_learner("relationnet", VectorBackbone(4), 5, losss="mse")
-    assert str(err.value) == "unknown option(s) for learner 'relationnet': losss; valid options: loss, hidden"
+    assert str(err.value) == (
+        "unknown option(s) for learner 'relationnet': losss; valid options: loss, hidden, image_size, class_map"
+    )
     with pytest.raises(TypeError, match=r"learner 'protonet': lr; valid options: \(none\)"):
         ProtoNet(VectorBackbone(4), 5, lr=0.1)
     with pytest.raises(TypeError, match="valid options: fce, fce_steps, scale"):
@@ -135,6 +155,8 @@ def test_unknown_option_lists_valid_ones():
     [
         ("relationnet", {"loss": "bce"}, "relationnet option loss must be one of mse, softmax; got 'bce'"),
         ("relationnet", {"hidden": 0}, "relationnet option hidden must be an int >= 1, got 0"),
+        ("relationnet", {"class_map": "max"}, "relationnet option class_map must be one of sum, mean; got 'max'"),
+        ("relationnet", {"image_size": 0}, "relationnet option image_size must be an int >= 1, got 0"),
         ("matchingnet", {"fce_steps": 0}, "matchingnet option fce_steps must be None or an int >= 1, got 0"),
         ("matchingnet", {"scale": -1.0}, "matchingnet option scale must be > 0, got -1.0"),
         ("baseline", {"head_epochs": 0}, "baseline option head_epochs must be an int > 0, got 0"),
@@ -265,31 +287,6 @@ def test_matching_log_probs_are_exact_when_probabilities_underflow():
     torch.testing.assert_close(log_probs, torch.tensor([[-math.log1p(math.exp(-100.0)), -100.0]]), atol=1e-3, rtol=1e-5)
 
 
-# ----------------------------------------------------------------------------- RelationNet
-@pytest.mark.parametrize("loss_type", ["mse", "softmax"])
-def test_relation_scores_and_losses(loss_type):
-    torch.manual_seed(0)
-    ep = random_episode(ways=3, shots=2, queries=2, dim=5, seed=3)
-    learner = RelationNet(VectorBackbone(5), 3, loss=loss_type)
-    loss, scores = learner.loss(ep)
-    assert scores.shape == (6, 3)
-    support, query = ep.support_images.flatten(1), ep.query_images.flatten(1)
-    protos = torch.stack([support[ep.support_labels == c].mean(0) for c in range(3)])
-    raw = torch.tensor([[learner.relation(torch.cat([q, p]).unsqueeze(0)).item() for p in protos] for q in query])
-    if loss_type == "mse":
-        expected_scores = torch.sigmoid(raw)
-        assert bool(((scores > 0) & (scores < 1)).all())
-        target = torch.zeros(6, 3)
-        target[torch.arange(6), ep.query_labels] = 1.0
-        expected_loss = ((expected_scores - target) ** 2).sum() / 18
-    else:
-        expected_scores = raw
-        expected_loss = -(raw.log_softmax(1)[torch.arange(6), ep.query_labels]).mean()
-    torch.testing.assert_close(scores, expected_scores, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(loss, expected_loss, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(learner.predict(ep), scores)
-
-
 # ----------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("name", EPISODIC)
 def test_gradients_reach_the_backbone(name):
@@ -412,7 +409,9 @@ def test_baseline_predict_solves_separable_support():
 
 # ----------------------------------------------------------------------------- learning on a toy task
 # Untrained accuracies on this task (seeded, measured): protonet ~0.50, matchingnet ~0.45,
-# relationnet ~0.21-0.26; trained: ~0.93, ~0.75, ~0.55 (mse) / ~0.6-0.88 (softmax). Chance: 0.2.
+# relationnet ~0.17-0.21; trained: ~0.93, ~0.75, relationnet ~0.55-0.88 (mse) / ~0.83-0.89 (softmax)
+# (torch seeds 0-2; the test uses 0: 0.83 / 0.83). Chance: 0.2. RelationNet runs on the MLP's output as
+# 1x1 feature maps here; its own tests (real backbones' maps) are in test_relationnet.py.
 @pytest.mark.parametrize(
     "name, options, episodes, lr, threshold",
     [

@@ -3,7 +3,7 @@
 * ``CosineClassifier``: the Baseline++ head (cosine similarity times a scale, with optional
   weight-normalised per-class gains as in Chen et al.'s code).
 * ``embed_episode`` / ``check_episode`` / ``class_means``: per-episode feature extraction and the
-  class prototypes that ProtoNet and RelationNet share.
+  class prototypes of ProtoNet (RelationNet compares feature maps instead: relationnet.py).
 * ``eval_mode``: run a module in eval mode and restore every submodule's previous mode.
 * ``reject_unknown_options``: the uniform error for misspelt learner options.
 """
