@@ -49,9 +49,10 @@ METHOD_DEFAULTS: dict[str, Any] = {
 }
 # Options of episodic training, with their defaults; learners trained otherwise (Baseline, Baseline++:
 # supervised on the base classes) refuse them. meta_batch's default depends on the method (resolve).
+# --train-seconds is not among them: it bounds both kinds of training.
 EPISODIC_TRAINING_DEFAULTS: dict[str, Any] = {
     "queries": 16, "train_episodes": 60000, "meta_batch": None, "val_every": 500, "val_episodes": 100,
-    "train_seconds": None, "lr_schedule": "constant",
+    "lr_schedule": "constant",
 }
 
 
@@ -101,8 +102,9 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
                        help="episodic training: episodes per meta-update (4 for maml, 1 for the others)")
     train.add_argument("--lr", type=float, default=1e-3, help="outer (Adam) learning rate")
     train.add_argument("--train-seconds", type=float, default=None,
-                       help="episodic training: also stop after the meta-step that passes this many seconds "
-                            "of training (then validate and test as usual)")
+                       help="also stop training after the meta-step (episodic) or batch (baseline, "
+                            "baseline_pp: --pretrain-epochs is then the upper bound) that passes this many "
+                            "seconds of training, validation included; then test as usual")
     train.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                        help="episodic training: outer learning rate constant (default) or cosine-annealed "
                             "to 0 over the budget (meta-steps, or --train-seconds where that ends first)")
@@ -225,7 +227,7 @@ def _resolve_training_options(args: argparse.Namespace) -> None:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
             raise ValueError(f"{flags} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}: "
                              "it is trained on the base classes in mini-batches, not on episodes "
-                             "(its training options: --pretrain-epochs, --pretrain-batch, --lr)")
+                             "(its training options: --pretrain-epochs, --pretrain-batch, --lr, --train-seconds)")
         return
     for name, default in EPISODIC_TRAINING_DEFAULTS.items():
         if getattr(args, name) is None:
@@ -294,7 +296,11 @@ def episode_source(args: argparse.Namespace, split: str, episodes: int, seed: in
 
 def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path) -> dict[str, Any]:
     """Baseline / Baseline++ training: supervised on the base (train) classes, Chen et al.'s recipe
-    (Adam at --lr, batch 16, 400 epochs, standard augmentation), through the shared supervised loop."""
+    (Adam at --lr, batch 16, 400 epochs, standard augmentation), through the shared supervised loop.
+
+    With --train-seconds the loop stops after the batch that passes the budget (--pretrain-epochs is the
+    upper bound). Returns the summary of the result record: epochs completed and planned, steps done and
+    planned, ``stopped_by`` (``epochs`` or ``train_seconds``) and the seconds on the budget's clock."""
     from fewshot.data.classification import load_classification_data
     from fewshot.training.distributed import DistInfo
     from fewshot.training.supervised import LoopConfig, OptimConfig, fit
@@ -303,11 +309,16 @@ def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path)
     model = learner.pretrain_model(data.num_classes)
     optim = OptimConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, schedule="constant")
     loop = LoopConfig(epochs=args.pretrain_epochs, batch_size=args.pretrain_batch, workers=args.workers,
-                      seed=args.seed, progress=not args.no_progress)
+                      seed=args.seed, train_seconds=args.train_seconds, progress=not args.no_progress)
     resume = out / "pretrain" / "checkpoint.pt" if args.resume else None
     metrics = fit(model, data, optim, loop, info=DistInfo(device=torch.device(args.device)),
                   run_dir=out / "pretrain", meta=spec, resume=resume)
-    return {"pretrain_top1": metrics.get("top1"), "pretrain_epochs": metrics.get("epoch")}
+    return {
+        "pretrain_top1": metrics["top1"], "pretrain_epochs": metrics["epoch"],
+        "pretrain_epochs_planned": args.pretrain_epochs, "pretrain_steps": metrics["step"],
+        "pretrain_steps_planned": args.pretrain_epochs * metrics["steps_per_epoch"],
+        "stopped_by": metrics["stopped_by"], "train_seconds": round(metrics["clock_seconds"], 2),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -96,6 +96,10 @@ def fails(capsys, argv: list[str], out: Path, method: str | None = None, one_lin
           "--pretrain-epochs"]),
         (["--method", "baseline_pp", "--queries", "4", "--val-every", "0", "--meta-batch", "2"], None,
          ["--queries, --meta-batch, --val-every do not apply to --method baseline_pp"]),
+        (["--method", "baseline", "--train-seconds", "0"], None,
+         ["--train-seconds must be a positive number of seconds, got 0.0"]),
+        (["--method", "baseline_pp", "--train-seconds", "nan"], None,
+         ["--train-seconds must be a positive number of seconds, got nan"]),
         (["--acdc", "g-net"], "maml", ["--acdc g-net needs --group-size"]),
         (["--group-size", "4"], "maml", ["--group-size applies only to the grouped scopes", "--acdc none"]),
         (["--eval-only"], "maml", ["--eval-only needs --checkpoint"]),
@@ -261,6 +265,28 @@ def test_other_methods_learn(tmp_path, method, flags, floor):
     episodic = method not in ("baseline", "baseline_pp")
     assert (saved["train_episodes"] == 50) == episodic and (saved["queries"] == 16) == episodic
     assert reloaded.train_episodes == saved["train_episodes"] and reloaded.method == method
+
+
+BASELINE_TINY = [*GLYPHS, "--method", "baseline", "--backbone", "conv4", "--width", "8", "--test-episodes", "4",
+                 "--eval-batch", "4", "--test-queries", "5", "--pretrain-batch", "256", "--head-epochs", "2"]
+STOP_KEYS = {"pretrain_epochs", "pretrain_epochs_planned", "pretrain_steps", "pretrain_steps_planned",
+             "stopped_by", "train_seconds"}
+
+
+def test_baseline_train_seconds_stops_after_the_first_batch_and_writes_a_complete_result(tmp_path):
+    timed = main([*BASELINE_TINY, "--pretrain-epochs", "3", "--train-seconds", "0.001",
+                  "--out", str(tmp_path / "timed")])
+    # The first batch already passes 1 ms: pretraining stops after it (mid-epoch), then the test runs.
+    assert (timed["pretrain_steps"], timed["pretrain_epochs"], timed["pretrain_epochs_planned"]) == (1, 0, 3)
+    assert timed["pretrain_steps_planned"] == 3 * 44  # 11,264 base-class images in batches of 256
+    assert timed["stopped_by"] == "train_seconds" and timed["train_seconds"] >= 0.001
+    assert timed["episodes"] == 4 and (tmp_path / "timed" / "best.pt").is_file()
+    assert json.loads((tmp_path / "timed" / "result.json").read_text()) == json.loads(json.dumps(timed))
+    # The same keys as a run that the epochs end (which reports where it stopped too).
+    whole = main([*BASELINE_TINY, "--pretrain-epochs", "1", "--out", str(tmp_path / "whole")])
+    assert whole.keys() == timed.keys() and RESULT_KEYS | STOP_KEYS <= whole.keys()
+    assert (whole["pretrain_steps"], whole["pretrain_epochs"], whole["stopped_by"]) == (44, 1, "epochs")
+    assert yaml.safe_load((tmp_path / "timed" / "config.yaml").read_text())["train_seconds"] == 0.001
 
 
 # ------------------------------------------------------------------------------------------------

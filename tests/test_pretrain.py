@@ -273,12 +273,12 @@ def tiny_data(n: int = 24) -> ClassificationData:
     return ClassificationData("tiny", train, val, ["a", "b", "c"], 8, 3, (0.5,) * 3, (0.25,) * 3, augment, v2.Identity())
 
 
-def run_fit(run_dir, stop=None, resume=None, epochs=2, amp="off", workers=0):
+def run_fit(run_dir, stop=None, resume=None, epochs=2, amp="off", workers=0, seconds=None):
     torch.manual_seed(0)
     model = TinyClassifier()
     optim = OptimConfig(lr=0.05, milestones=(1,), gamma=0.5)
     loop = LoopConfig(epochs=epochs, batch_size=4, seed=7, stop_at_step=stop, progress=False, amp=amp,
-                      workers=workers)
+                      workers=workers, train_seconds=seconds)
     return model, fit(model, tiny_data(), optim, loop, run_dir=run_dir, resume=resume)
 
 
@@ -295,6 +295,32 @@ def test_resume_is_exact(tmp_path, stop):
         assert second[key] == result[key], key
     logs = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in logs] == [1, 2] and [r["lr"] for r in logs] == [0.05, 0.025]
+
+
+def test_train_seconds_stops_after_the_batch_that_passes_it_and_resumes_exactly(tmp_path):
+    straight, result = run_fit(tmp_path / "a")
+    assert result["stopped_by"] == "epochs" and not result["stopped_early"]
+    assert result["clock_seconds"] >= result["seconds"] > 0
+    _, timed = run_fit(tmp_path / "b", seconds=1e-6)  # the first batch already passes it
+    assert (timed["step"], timed["epoch"], timed["steps_per_epoch"]) == (1, 0, 6)
+    assert timed["stopped_by"] == "train_seconds" and timed["stopped_early"]
+    saved = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["progress"]
+    assert saved["step"] == 1 and saved["clock"] >= 1e-6
+    resumed, second = run_fit(tmp_path / "c", resume=tmp_path / "b" / "checkpoint.pt")  # no budget: to the end
+    assert second["stopped_by"] == "epochs" and second["step"] == 12
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # A budget that does not run out changes nothing.
+    unbounded, third = run_fit(tmp_path / "d", seconds=1e6)
+    assert third["stopped_by"] == "epochs" and third["step"] == 12
+    for (name, a), b in zip(straight.state_dict().items(), unbounded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, float("nan"), float("inf")])
+def test_loop_config_refuses_a_bad_time_budget(seconds):
+    with pytest.raises(ValueError, match="--train-seconds must be a positive number of seconds"):
+        LoopConfig(epochs=1, batch_size=1, train_seconds=seconds).check()
 
 
 def test_worker_processes_do_not_change_the_run(tmp_path):

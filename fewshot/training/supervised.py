@@ -5,7 +5,8 @@ Building blocks, usable one by one:
   stepped once per epoch);
 - ``Precision`` (autocast bf16/fp16 + GradScaler) and ``train_step`` (one optimization step);
 - ``evaluate`` (loss, top-1, top-5 over a loader, summed across DDP ranks);
-- ``fit`` (epochs, DDP, checkpoints every epoch / every N steps, exact resume, JSONL log, progress bar);
+- ``fit`` (epochs, DDP, checkpoints every epoch / every N steps, exact resume, a wall-clock budget, JSONL
+  log, progress bar);
 - ``build_model`` / ``model_from_checkpoint`` (a registry backbone from a ``ModelSpec``), ``expand_model``
   (capacity growth).
 
@@ -15,6 +16,7 @@ head (Baseline++) goes through the same loop as a CIFAR ResNet.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -72,7 +74,13 @@ class OptimConfig:
 
 @dataclass
 class LoopConfig:
-    """How ``fit`` runs: lengths, batch size (per process), speed options, checkpoints, logging."""
+    """How ``fit`` runs: lengths, batch size (per process), speed options, checkpoints, logging.
+
+    ``train_seconds`` (optional) is a wall-clock budget: training stops after the batch that passes it
+    (``epochs`` is then the upper bound). The clock counts the whole loop: training steps, the
+    per-epoch evaluation and checkpoints, as the episodic loop counts its validation; a resumed run
+    counts the seconds of its earlier part.
+    """
 
     epochs: int
     batch_size: int
@@ -87,6 +95,7 @@ class LoopConfig:
     eval_every: int = 1
     save_every_steps: int = 0
     stop_at_step: int | None = None
+    train_seconds: float | None = None
     progress: bool = True
 
     def check(self) -> None:
@@ -99,6 +108,8 @@ class LoopConfig:
             raise ValueError("workers and save_every_steps must be >= 0 and eval_every >= 1")
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ValueError(f"--stop-at-step must be >= 1, got {self.stop_at_step}")
+        if self.train_seconds is not None and not (math.isfinite(self.train_seconds) and self.train_seconds > 0):
+            raise ValueError(f"--train-seconds must be a positive number of seconds, got {self.train_seconds}")
 
 
 def set_seed(seed: int) -> None:
@@ -278,6 +289,7 @@ class _Progress:
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this epoch: loss*n, correct, n
     seconds: float = 0.0     # training wall time so far
     images: int = 0          # training images seen (all ranks)
+    clock: float = 0.0       # wall time of the loop so far (training + evaluation + checkpoints): the budget's clock
 
 
 class _JsonlLog:
@@ -313,8 +325,16 @@ def fit(
       scheduler, grad scaler, epoch and step, every rank's RNG state (checked against ``meta``).
     - ``extra``: more JSON-ready entries for checkpoints (e.g. the run's config under ``"config"``).
 
-    Returns a dict with ``epoch``, ``step``, ``train_loss``, ``train_top1``, ``val_loss``, ``top1``,
-    ``top5``, ``seconds``, ``images_per_second``, ``stopped_early`` and ``checkpoint``.
+    Returns a dict with ``epoch`` (completed epochs), ``step``, ``steps_per_epoch``, ``train_loss``,
+    ``train_top1``, ``val_loss``, ``top1``, ``top5``, ``seconds`` (training steps only),
+    ``images_per_second``, ``stopped_early``, ``stopped_by`` (``epochs``, ``stop_at_step`` or
+    ``train_seconds``), ``clock_seconds`` (the budget's clock: the loop's wall time, earlier parts of a
+    resumed run included) and ``checkpoint``.
+
+    With ``loop.train_seconds`` training stops after the batch that brings ``clock_seconds`` to the
+    budget (not at the end of that epoch: an epoch can be long, and stopping after the batch gives every
+    method of an equal-budget comparison the same seconds). Mid-epoch it writes a resumable checkpoint,
+    as ``stop_at_step`` does; at an epoch's end the epoch is closed as usual (evaluation, checkpoint).
     """
     loop.check()
     device = info.device
@@ -359,7 +379,14 @@ def fit(
                                 sampler=ShardSampler(len(val_set), info.world_size, info.rank), **workers)
     normalize = Normalizer(data.mean, data.std, device, loop.channels_last)
 
+    clock_before, clock_started = progress.clock, time.perf_counter()
+
+    def clock() -> float:
+        """Seconds on the budget's clock: this loop's wall time plus a resumed run's earlier part."""
+        return clock_before + time.perf_counter() - clock_started
+
     def checkpoint(metrics: Mapping[str, Any] | None = None) -> str | None:
+        progress.clock = clock()
         rng = all_gather_objects(capture_rng_state(), info)  # every rank takes part
         if run_path is None:
             return None
@@ -374,7 +401,7 @@ def fit(
     last_eval: dict[str, Any] = {}
     last_train: dict[str, Any] = {}
     ckpt_path: str | None = None
-    stopped = False
+    stopped, stopped_by = False, "epochs"
     net.train()
     while progress.epoch < loop.epochs and not stopped:
         epoch = progress.epoch
@@ -385,6 +412,7 @@ def fit(
         bar = _progress_bar(loop.progress and info.is_main, steps_per_epoch, progress.batch, epoch, loop.epochs)
         started = epoch_started = time.perf_counter()
         images_before = progress.images
+        out_of_time = False
         for images, targets in train_loader:
             x = normalize(images)
             y = targets.to(device, non_blocking=True)
@@ -402,14 +430,16 @@ def fit(
             mid_epoch = progress.batch < steps_per_epoch
             stop_now = loop.stop_at_step is not None and progress.step >= loop.stop_at_step
             periodic = loop.save_every_steps > 0 and progress.step % loop.save_every_steps == 0
-            if mid_epoch and (stop_now or periodic):
+            if loop.train_seconds is not None:
+                out_of_time = _on_any_rank(clock() >= loop.train_seconds, info)
+            if mid_epoch and (stop_now or periodic or out_of_time):
                 progress.sums = [*sums.tolist(), float(seen)]
                 progress.seconds += time.perf_counter() - started
                 started = time.perf_counter()
                 ckpt_path = checkpoint()
                 log.write({"event": "checkpoint", "epoch": epoch, "step": progress.step, "batch": progress.batch})
-                if stop_now:
-                    stopped = True
+                if stop_now or out_of_time:
+                    stopped, stopped_by = True, "stop_at_step" if stop_now else "train_seconds"
                     break
         if bar is not None:
             bar.close()
@@ -435,15 +465,25 @@ def fit(
         if info.is_main and loop.progress:
             print(_summary(record), file=sys.stderr, flush=True)
         ckpt_path = checkpoint(record)
-        if loop.stop_at_step is not None and progress.step >= loop.stop_at_step and progress.epoch < loop.epochs:
-            stopped = True
+        if progress.epoch < loop.epochs:
+            if loop.stop_at_step is not None and progress.step >= loop.stop_at_step:
+                stopped, stopped_by = True, "stop_at_step"
+            elif out_of_time:
+                stopped, stopped_by = True, "train_seconds"
     return {
-        "epoch": progress.epoch, "step": progress.step,
+        "epoch": progress.epoch, "step": progress.step, "steps_per_epoch": steps_per_epoch,
         "train_loss": last_train.get("train_loss"), "train_top1": last_train.get("train_top1"),
         "val_loss": last_eval.get("loss"), "top1": last_eval.get("top1"), "top5": last_eval.get("top5"),
         "seconds": progress.seconds, "images_per_second": progress.images / max(progress.seconds, 1e-9),
-        "stopped_early": stopped, "checkpoint": ckpt_path,
+        "stopped_early": stopped, "stopped_by": stopped_by, "clock_seconds": clock(), "checkpoint": ckpt_path,
     }
+
+
+def _on_any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is true on any (so that all ranks stop at the same step)."""
+    if not info.distributed:
+        return flag
+    return all_reduce_sum(torch.tensor([float(flag)], device=info.device), info).item() > 0
 
 
 def _restore(path: str | Path, ckpt: Mapping[str, Any], raw: nn.Module, optimizer: torch.optim.Optimizer,
@@ -463,6 +503,7 @@ def _restore(path: str | Path, ckpt: Mapping[str, Any], raw: nn.Module, optimize
     progress.epoch, progress.batch, progress.step = int(saved["epoch"]), int(saved["batch"]), int(saved["step"])
     progress.sums = [float(v) for v in saved["sums"]]
     progress.seconds, progress.images = float(saved["seconds"]), int(saved["images"])
+    progress.clock = float(saved.get("clock", saved["seconds"]))  # checkpoints before the budget: training time
     states = ckpt.get("rng") or []
     if len(states) == info.world_size:
         restore_rng_state(states[info.rank])
