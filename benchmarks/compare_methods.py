@@ -1,251 +1,525 @@
 #!/usr/bin/env python
-"""Every few-shot method on one backbone, dense and ACDC-net, on glyphs, on the same seeded test episodes.
+"""Every few-shot method at the same wall-clock training budget, dense and ACDC-net, 1- and 5-shot, on glyphs.
 
-Each (method, backbone variant) is one call of ``fewshot.cli.main([...])`` — the command line of
-``run_maml.py`` / ``run_fewshot.py``, so nothing of the training code is repeated here — with the same
-``--test-seed``, hence the same test episodes for every run. The ``result.json`` records of the runs are
-collected into
+A cell is (method, dense | ACDC-net, shots). Each cell is one run of ``run_fewshot.py`` in a subprocess (its
+settings go in as a ``--config`` YAML file, written into the run folder) that trains for ``--train-seconds``
+seconds of wall clock — the episodic loop stops after the meta-step, Baseline/Baseline++ pretraining after
+the batch, that passes the budget, validation included — and is then tested on the same ``--test-episodes``
+seeded 5-way episodes of the test split (``--test-seed 0``, 15 queries per class) as every other cell.
+Every method runs at its best settings (``METHOD_SETTINGS``; MAML's are the tuned main job,
+``configs/maml_glyphs_demo.yaml``) on one backbone: Conv4 at width 32 on 28 px glyphs by default, what
+trains best on a CPU.
 
-- ``benchmarks/results/compare_methods.json``: settings, the command, the machine and every record
-  (per-episode accuracies included),
-- ``compare_methods.md``: method × {dense, ACDC-net}: accuracy ± CI95, backbone parameters, seconds,
-- ``compare_methods.png``: accuracy with 95% confidence bars per method, dense and ACDC-net side by side.
+Results (cells already in the JSON are skipped, so the comparison can be spread over several sessions;
+``--methods``, ``--shots``, ``--variants`` select cells):
 
-    python benchmarks/compare_methods.py                       # the default run (19 min on 2 busy cores)
-    python benchmarks/compare_methods.py --quick               # smoke run at tiny sizes (about 1 min)
-    python benchmarks/compare_methods.py --methods protonet maml --shots 1
+- ``benchmarks/results/compare_methods.json``: every cell's record (method, variant, shots, accuracy ± CI95
+  and the per-episode accuracies, backbone parameters, training seconds, meta-steps or batches and epochs
+  done, how training stopped, the settings, the command, the load average when it started);
+- ``compare_methods.md``: methods × {1-shot, 5-shot} × {dense, ACDC-net}, accuracy ± CI95, under a line
+  naming the budget; and what each run reached in its budget;
+- ``compare_methods.png``: grouped bars with 95% CI error bars, groups = methods, bars = dense / ACDC-net,
+  one panel per shot count.
 
-The default sizes are CPU sizes, far below Chen et al.'s (see ``SIZES``); the markdown header says which.
+    python benchmarks/compare_methods.py                                  # all 24 cells (about 85 min)
+    python benchmarks/compare_methods.py --methods protonet maml --shots 1 # some cells
+    python benchmarks/compare_methods.py --report                         # table and plot of what exists
+    python benchmarks/compare_methods.py --quick --methods protonet --variants dense --shots 1  # smoke run
+    python benchmarks/compare_methods.py --tune                           # the validation-split search
+
+The default budget, 150 s of training per run, is sized so that all 24 runs fit in 90 minutes on 2 cores,
+one run at a time on 1 thread. Costs measured with this script (Conv4 width 32, ACDC-net, MAML as
+configs/maml_glyphs_demo.yaml with 5 test steps) on the 2-core machine while it ran other jobs (load ~4):
+
+    training: 24 runs x 150 s                                                   = 3600 s
+    start-up: python + torch, glyphs, model: 24 x ~7 s                          =  170 s
+    after the budget, per variant (x 2), 600 test episodes (+ the episodic runs' final 100-episode
+    validation), 1-shot + 5-shot:
+      MAML                       0.09 s + 0.32 s per episode x 700              =  285 s
+      ProtoNet, MatchingNet, RelationNet  3 x (10 s + 21 s)                     =   95 s
+      Baseline (100 head epochs) 0.045 s + 0.15 s per episode x 600             =  115 s
+      Baseline++                 0.06 s + 0.21 s per episode x 600              =  160 s
+                                                          2 variants x 655 s    = 1310 s
+    total                                                  5080 s              = about 85 min (<= 90)
+
+MAML's testing grows with its test-time inner steps: a config with 10 instead of 5 adds about 8 minutes; then
+``--train-seconds 130`` keeps the whole under 90 minutes.
+
+``--tune`` is the search the settings table comes from: for every method but MAML (searched by
+``benchmarks/tune_glyphs.py``) it runs the candidates of ``TUNE_CANDIDATES`` at the same budget on one cell
+(ACDC-net 1-shot by default, where MAML was tuned) and evaluates them on ``--tune-episodes`` seeded episodes
+of the **validation** split (``--test-split val --test-seed 100``); the test split is never read. Results:
+``benchmarks/results/compare_methods_tuning.json`` (candidates already there are skipped, like the cells),
+with the winner of each method under ``chosen``: copy those into ``METHOD_SETTINGS``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
+import math
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RESULTS, load_average, machine, markdown_table, write_json  # noqa: E402
-
-import torch  # noqa: E402
+from common import RESULTS, command_line, load_average, markdown_table, run_fewshot_cli, write_json  # noqa: E402
 
 from fewshot.cli import FEWSHOT_BACKBONES  # noqa: E402
 from fewshot.config import cli_main  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("maml", "protonet", "matchingnet", "relationnet", "baseline", "baseline_pp")
-EPISODIC = ("maml", "protonet", "matchingnet", "relationnet")
 PRETRAINED = ("baseline", "baseline_pp")
 VARIANTS = {"dense": "none", "acdc-net": "net"}  # column name -> --acdc
-# Default sizes (full run, --quick). The full default run of all 12 runs took 19 minutes on 2 CPU cores
-# shared with other jobs (load 2-3.5; MAML is a quarter of it); Chen et al. train 60,000-episode / 400-epoch runs and test 600 episodes.
-SIZES: dict[str, dict[str, int]] = {
-    "full": {"train_episodes": 300, "maml_train_episodes": 200, "pretrain_epochs": 3, "pretrain_batch": 64,
-             "head_epochs": 25, "test_episodes": 600, "val_every": 0, "val_episodes": 50},
-    "quick": {"train_episodes": 8, "maml_train_episodes": 8, "pretrain_epochs": 1, "pretrain_batch": 256,
-              "head_epochs": 2, "test_episodes": 10, "val_every": 0, "val_episodes": 5},
+LABELS = {"dense": "dense", "acdc-net": "ACDC-net"}
+MAML_CONFIG = ROOT / "configs/maml_glyphs_demo.yaml"
+# Keys of MAML's config that the comparison sets itself (the same for every method) or replaces.
+MAML_DROPPED = ("out", "train_seconds", "train_episodes", "test_episodes", "backbone", "width", "stem", "acdc",
+                "atoms", "group_size", "dataset", "image_size", "ways", "shots", "test_queries", "seed",
+                "test_seed", "test_split", "device", "method", "eval_only", "checkpoint", "resume")
+# Episodic runs are stopped by the budget; this many training episodes (and Baseline pretraining epochs,
+# METHOD_SETTINGS) are only the upper bound, never reached at the default budget.
+EPISODE_CAP = 1_000_000
+COMMON = {"dataset": "glyphs", "test_queries": 15, "eval_batch": 32}
+# The settings of each method, from a validation-split search at this budget (``--tune``: candidates in
+# TUNE_CANDIDATES, results in benchmarks/results/compare_methods_tuning.json, the winners under "chosen").
+# MAML's come from configs/maml_glyphs_demo.yaml, the winner of benchmarks/tune_glyphs.py (results in
+# benchmarks/results/tune_glyphs.json). NOTE: until `--tune` has been run, the entries below are the
+# search's first candidates (Chen et al.'s recipes at CPU sizes), not its winners.
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {
+    "maml": {},  # + configs/maml_glyphs_demo.yaml
+    "protonet": {"lr": 1e-3, "queries": 16, "val_every": 1000, "val_episodes": 100},
+    "matchingnet": {"lr": 1e-3, "queries": 16, "fce": True, "val_every": 1000, "val_episodes": 100},
+    "relationnet": {"lr": 1e-3, "queries": 16, "relation_loss": "mse", "val_every": 1000, "val_episodes": 100},
+    "baseline": {"lr": 1e-3, "pretrain_batch": 64, "pretrain_epochs": 400, "head_epochs": 100},
+    "baseline_pp": {"lr": 1e-3, "pretrain_batch": 64, "pretrain_epochs": 400, "head_epochs": 100},
 }
+# The candidates of --tune: name -> overrides of METHOD_SETTINGS (the first is METHOD_SETTINGS itself).
+TUNE_CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
+    "protonet": {"adam1e-3": {}, "adam3e-3": {"lr": 3e-3},
+                 "adam3e-3-cosine": {"lr": 3e-3, "lr_schedule": "cosine"}},
+    "matchingnet": {"fce-adam1e-3": {}, "fce-adam3e-3": {"lr": 3e-3}, "nofce-adam1e-3": {"fce": False}},
+    "relationnet": {"mse-adam1e-3": {}, "softmax-adam1e-3": {"relation_loss": "softmax"},
+                    "mse-adam3e-3": {"lr": 3e-3}},
+    "baseline": {"b64-adam1e-3": {}, "b16-adam1e-3": {"pretrain_batch": 16}, "b64-adam3e-3": {"lr": 3e-3}},
+    "baseline_pp": {"b64-adam1e-3": {}, "b16-adam1e-3": {"pretrain_batch": 16}, "b64-adam3e-3": {"lr": 3e-3}},
+}
+# --quick: tiny sizes for a smoke run (a couple of seconds of training per run; the numbers mean nothing),
+# and the method settings it shrinks (episodic: validation; Baselines: the head; MAML: test-time steps).
+QUICK = {"train_seconds": 2.0, "test_episodes": 10, "width": 8, "tune_episodes": 10}
+QUICK_OVERRIDES = {"val_every": 0, "val_episodes": 5, "head_epochs": 5, "test_inner_steps": 2}
+# What the records of one JSON file must share (a cell measured otherwise is not comparable).
+SHARED = ("train_seconds", "test_episodes", "test_seed", "seed", "backbone", "width", "stem", "atoms", "ways",
+          "device", "threads")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad flags: one ``error: ...`` line, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = _OneLineParser(prog="compare_methods.py", description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--backbone", choices=FEWSHOT_BACKBONES, default="resnet10")
-    p.add_argument("--width", type=int, default=16, help="channels of the first stage (default 16)")
-    p.add_argument("--atoms", type=int, default=8, help="ACDC atoms per layer (default 8)")
-    p.add_argument("--ways", type=int, default=5)
-    p.add_argument("--shots", type=int, default=5)
-    p.add_argument("--test-episodes", type=int, default=None, help="default 600 (10 with --quick)")
-    p.add_argument("--train-episodes", type=int, default=None,
-                   help="ProtoNet/MatchingNet/RelationNet training episodes (default 300; 8 with --quick)")
-    p.add_argument("--maml-train-episodes", type=int, default=None,
-                   help="MAML training episodes, 4 per meta-step (default 200; 8 with --quick)")
-    p.add_argument("--pretrain-epochs", type=int, default=None, help="Baseline(++) epochs (default 3)")
-    p.add_argument("--pretrain-batch", type=int, default=None, help="Baseline(++) batch size (default 64)")
-    p.add_argument("--head-epochs", type=int, default=None,
-                   help="Baseline(++) epochs of the new head per test episode (default 25; Chen et al. 100)")
-    p.add_argument("--val-every", type=int, default=None, help="meta-steps between validations (default 0: once, after training)")
-    p.add_argument("--val-episodes", type=int, default=None, help="validation episodes (default 50)")
-    p.add_argument("--test-seed", type=int, default=0, help="seed of the test episodes, the same for every run")
+    p.add_argument("--shots", nargs="+", type=int, default=[1, 5])
+    p.add_argument("--train-seconds", type=float, default=None,
+                   help="wall-clock seconds of training per run, validation included (default 150; --quick 2)")
+    p.add_argument("--test-episodes", type=int, default=None, help="seeded test episodes (default 600; --quick 10)")
+    p.add_argument("--test-seed", type=int, default=0, help="seed of the test episodes, the same for every cell")
     p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--eval-batch", type=int, default=32)
+    p.add_argument("--backbone", choices=FEWSHOT_BACKBONES, default="conv4")
+    p.add_argument("--width", type=int, default=None, help="channels of the first stage (default 32; --quick 8)")
+    p.add_argument("--stem", choices=("imagenet", "small"), default=None, help="ResNet stem (ResNets only)")
+    p.add_argument("--atoms", type=int, default=None, help="ACDC atoms per layer (default: MAML config's, else 8)")
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--maml-config", default=str(MAML_CONFIG), help="MAML's tuned settings (YAML)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads that wait "
-                        "on each other made a ResNet10 step 3-30x slower; 0 keeps torch's default)")
-    p.add_argument("--out-dir", default=None,
-                   help="folder of the runs, one subfolder each (default runs/compare_methods[_quick])")
-    p.add_argument("--results", default=None,
-                   help="folder of compare_methods.{json,md,png} (default benchmarks/results; --quick: --out-dir)")
-    p.add_argument("--reuse", action="store_true",
-                   help="take a run's result.json from --out-dir when it is there instead of running it again")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete the earlier run folders <out-dir>/<method>_<variant> of this comparison first")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each run (default 1)")
+    p.add_argument("--runs", default=None, help="scratch folder of the runs (default runs/compare_methods[_quick])")
+    p.add_argument("--out", default=None, help="results JSON; .md and .png go next to it "
+                   "(default benchmarks/results/compare_methods.json; --quick: in --runs)")
+    p.add_argument("--report", action="store_true", help="only write the table and plot of what the JSON holds")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (numbers are meaningless)")
-    p.add_argument("--progress", action="store_true", help="progress bars of the runs")
+    tune = p.add_argument_group("the validation-split search (--tune)")
+    tune.add_argument("--tune", action="store_true", help="run the search instead of the comparison")
+    tune.add_argument("--tune-shots", type=int, default=1)
+    tune.add_argument("--tune-variants", nargs="+", choices=list(VARIANTS), default=["acdc-net"])
+    tune.add_argument("--tune-episodes", type=int, default=None,
+                      help="validation episodes per candidate (default 600; --quick 10)")
+    tune.add_argument("--tune-out", default=None,
+                      help="default benchmarks/results/compare_methods_tuning.json (--quick: in --runs)")
     args = p.parse_args(argv)
-    sizes = SIZES["quick" if args.quick else "full"]
-    for name, value in sizes.items():
+    defaults = {"train_seconds": 150.0, "test_episodes": 600, "width": 32, "tune_episodes": 600}
+    for name, value in (QUICK if args.quick else defaults).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.reuse and args.overwrite:
-        p.error("--reuse and --overwrite exclude each other")
-    if args.out_dir is None:
-        args.out_dir = "runs/compare_methods_quick" if args.quick else "runs/compare_methods"
-    if args.results is None:
-        args.results = args.out_dir if args.quick else str(RESULTS)
+    runs = Path(args.runs or ("runs/compare_methods_quick" if args.quick else "runs/compare_methods"))
+    args.runs = str(runs)
+    home = runs if args.quick else RESULTS
+    args.out = args.out or str(home / "compare_methods.json")
+    args.tune_out = args.tune_out or str(home / "compare_methods_tuning.json")
     return args
 
 
-def run_argv(args: argparse.Namespace, method: str, acdc: str, out: Path) -> list[str]:
-    """The ``fewshot.cli`` arguments of one run."""
-    argv = [
-        "--method", method, "--dataset", "glyphs", "--backbone", args.backbone, "--width", str(args.width),
-        "--acdc", acdc, "--ways", str(args.ways), "--shots", str(args.shots),
-        "--test-episodes", str(args.test_episodes), "--test-seed", str(args.test_seed), "--seed", str(args.seed),
-        "--eval-batch", str(args.eval_batch), "--device", args.device, "--out", str(out),
-    ]
-    if acdc != "none":
-        argv += ["--atoms", str(args.atoms)]
-    if not args.progress:
-        argv.append("--no-progress")
-    if method in EPISODIC:
-        episodes = args.maml_train_episodes if method == "maml" else args.train_episodes
-        argv += ["--train-episodes", str(episodes), "--val-every", str(args.val_every),
-                 "--val-episodes", str(args.val_episodes)]
+def check(args: argparse.Namespace) -> None:
+    """Values argparse cannot check; one ``ValueError`` line each."""
+    if not (math.isfinite(args.train_seconds) and args.train_seconds > 0):
+        raise ValueError(f"--train-seconds must be a positive number of seconds, got {args.train_seconds}")
+    for name in ("test_episodes", "width", "threads", "tune_episodes", "tune_shots"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if any(k < 1 for k in args.shots):
+        raise ValueError(f"--shots must be >= 1, got {' '.join(map(str, args.shots))}")
+    if args.ways < 2:
+        raise ValueError(f"--ways must be >= 2, got {args.ways}")
+    if args.stem is not None and not args.backbone.startswith("resnet"):
+        raise ValueError(f"--stem applies to the ResNet backbones, not --backbone {args.backbone}")
+    if args.atoms is not None and args.atoms < 1:
+        raise ValueError(f"--atoms must be >= 1, got {args.atoms}")
+    if args.tune and args.report:
+        raise ValueError("--tune and --report exclude each other")
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def maml_config(path: str | Path) -> dict[str, Any]:
+    """MAML's tuned settings: the config file without the keys the comparison sets (``MAML_DROPPED``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--maml-config {str(path)!r} does not exist")
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"--maml-config {str(path)!r} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in config.items()}
+
+
+def default_atoms(args: argparse.Namespace) -> int:
+    """``--atoms``, else the MAML config's (so MAML's ACDC-net is the one it was tuned with), else 8."""
+    if args.atoms is not None:
+        return args.atoms
+    return int(maml_config(args.maml_config).get("atoms", 8))
+
+
+def method_settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The settings of ``method`` (METHOD_SETTINGS; MAML: its config), with --quick's sizes."""
+    settings = dict(METHOD_SETTINGS[method])
     if method == "maml":
-        argv += ["--first-order", "--vectorize"]
-    if method in PRETRAINED:
-        argv += ["--pretrain-epochs", str(args.pretrain_epochs), "--pretrain-batch", str(args.pretrain_batch),
-                 "--head-epochs", str(args.head_epochs)]
-    return argv
+        config = maml_config(args.maml_config)
+        settings.update({k: v for k, v in config.items() if k not in MAML_DROPPED})
+    if args.quick:
+        keys = {"head_epochs"} if method in PRETRAINED else {"val_every", "val_episodes"}
+        keys |= {"test_inner_steps"} if method == "maml" else set()
+        settings.update({k: v for k, v in QUICK_OVERRIDES.items() if k in keys})
+    return settings
 
 
-def run_one(args: argparse.Namespace, method: str, variant: str) -> dict[str, Any]:
-    """Run (or with --reuse, read back) one method on one backbone variant; returns its result record."""
-    from fewshot.cli import main as fewshot_main
-
-    out = Path(args.out_dir) / f"{method}_{variant}"
-    result_file = out / "result.json"
-    argv = run_argv(args, method, VARIANTS[variant], out)
-    if args.reuse and result_file.is_file():
-        record = json.loads(result_file.read_text())
-        print(f"{method} {variant}: reused {result_file}", flush=True)
+def cell_settings(args: argparse.Namespace, method: str, variant: str, shots: int,
+                  overrides: Mapping[str, Any] | None = None, split: str = "test") -> dict[str, Any]:
+    """The complete ``run_fewshot.py`` settings of one run: the method's own, then what every run shares."""
+    settings: dict[str, Any] = {"method": method, **method_settings(args, method), **dict(overrides or {})}
+    settings.update(COMMON, backbone=args.backbone, width=args.width, acdc=VARIANTS[variant], ways=args.ways,
+                    shots=shots, train_seconds=args.train_seconds, seed=args.seed, device=args.device)
+    if args.stem is not None:
+        settings["stem"] = args.stem
+    if variant != "dense":
+        settings["atoms"] = default_atoms(args)
     else:
-        if args.overwrite and out.exists():
-            shutil.rmtree(out)
-        if out.exists() and any(out.iterdir()):
-            raise ValueError(f"run folder {out} is not empty: pass --reuse to take its result.json, "
-                             f"--overwrite to run it again, or choose another --out-dir")
-        record = fewshot_main(argv)
-    record = dict(record)
-    record["variant"] = variant
-    record["argv"] = argv
-    record["command"] = "python run_fewshot.py " + shlex.join(argv)
-    return record
+        settings.pop("atom_drop", None)  # no atoms to drop
+    if method not in PRETRAINED:
+        settings["train_episodes"] = EPISODE_CAP
+    if split == "test":
+        settings.update(test_split="test", test_seed=args.test_seed, test_episodes=args.test_episodes)
+    else:  # the search: validation episodes (seed 100; the checkpoint is chosen on seed 101)
+        settings.update(test_split="val", test_seed=100, test_episodes=args.tune_episodes)
+    return settings
 
 
-def markdown(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
-    """The method × {dense, ACDC-net} table with a header naming the sizes."""
-    by_key = {(r["method"], r["variant"]): r for r in records}
-    header = ["method"]
-    for variant in args.variants:
-        header += [f"{variant} acc % ± CI95", f"{variant} params", f"{variant} s"]
-    rows = []
-    for method in args.methods:
-        row: list[Any] = [method]
-        for variant in args.variants:
-            r = by_key[(method, variant)]
-            row += [f"{r['accuracy_mean']:.2f} ± {r['accuracy_ci95']:.2f}", f"{r['parameters']:,}", r["seconds"]]
-        rows.append(row)
+def cell_key(method: str, variant: str, shots: int) -> str:
+    return f"{method}/{variant}/{shots}shot"
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def run_cell(settings: Mapping[str, Any], run_dir: Path, threads: int) -> dict[str, Any]:
+    """One ``run_fewshot.py`` run in a subprocess (settings as a ``--config`` file); its ``result.json``."""
+    if run_dir.exists():  # a run killed before it was recorded: start it again
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    config = run_dir / "cell.yaml"
+    config.write_text(yaml.safe_dump(dict(settings), sort_keys=False))
+    return run_fewshot_cli("run_fewshot.py", {"config": str(config)}, run_dir, threads)
+
+
+def cell_record(result: Mapping[str, Any], method: str, variant: str, shots: int, settings: Mapping[str, Any],
+                wall: float, load: float | None) -> dict[str, Any]:
+    """The JSON record of one cell from the run's ``result.json``."""
+    pretrained = method in PRETRAINED
+    return {
+        "method": method, "variant": variant, "shots": shots, "acdc": result.get("acdc"),
+        "split": result.get("split"), "test_seed": result.get("test_seed"), "episodes": result.get("episodes"),
+        "accuracy_mean": result["accuracy_mean"], "accuracy_ci95": result["accuracy_ci95"],
+        "parameters": result.get("parameters"), "train_seconds": result.get("train_seconds"),
+        "stopped_by": result.get("stopped_by"),
+        "steps": result.get("pretrain_steps" if pretrained else "meta_steps"),
+        "steps_unit": "batches" if pretrained else "meta-steps",
+        "epochs": result.get("pretrain_epochs") if pretrained else None,
+        "best_step": result.get("best_step"), "run_seconds": result.get("seconds"),
+        "wall_seconds": round(wall, 1), "load_average_1min_at_start": load,
+        "settings": dict(settings), "episode_accuracies": result.get("episode_accuracies"),
+    }
+
+
+def measure(args: argparse.Namespace, method: str, variant: str, shots: int, settings: Mapping[str, Any],
+            run_dir: Path) -> dict[str, Any]:
+    """Run one cell and build its record."""
+    load, started = load_average(), time.perf_counter()
+    result = run_cell(settings, run_dir, args.threads)
+    return cell_record(result, method, variant, shots, settings, time.perf_counter() - started, load)
+
+
+def load_payload(path: Path, shared: Mapping[str, Any]) -> dict[str, Any]:
+    """The results JSON (or an empty one); refuses a file measured with other shared settings."""
+    payload: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if not isinstance(payload.get("records", {}), dict):
+        raise ValueError(f"{path} holds results of the earlier compare_methods.py (a list of records): move it "
+                         "away or use another --out")
+    payload.setdefault("records", {})
+    payload.setdefault("commands", [])
+    for key, value in payload.get("settings", {}).items():
+        if key in shared and value != shared[key]:
+            raise ValueError(f"{path} was measured with {key} = {value!r}, not {shared[key]!r}; use the same "
+                             "settings or another --out")
+    payload["settings"] = {**payload.get("settings", {}), **shared}
+    return payload
+
+
+def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
+    values = {**vars(args), "atoms": default_atoms(args)}
+    return {key: values[key] for key in SHARED}
+
+
+def stale_cells(records: Mapping[str, Any], wanted: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Cells in ``records`` whose settings are not the ones this run would use (METHOD_SETTINGS changed)."""
+    return [key for key, settings in wanted.items() if key in records and records[key]["settings"] != dict(settings)]
+
+
+def run_cells(args: argparse.Namespace, payload: dict[str, Any], path: Path,
+              cells: Mapping[str, tuple[str, str, int, dict[str, Any]]],
+              on_record: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+    """Measure each cell not yet in ``payload["records"]``, writing the JSON after every one."""
+    records = payload["records"]
+    stale = stale_cells(records, {k: c[3] for k, c in cells.items()})
+    if stale:
+        raise ValueError(f"{path} holds {', '.join(stale)} measured with other settings; delete them from it "
+                         "or use another --out")
+    todo = [key for key in cells if key not in records]
+    print(f"{len(cells) - len(todo)} of {len(cells)} cells already in {path}; {len(todo)} to run", flush=True)
+    for number, key in enumerate(todo, start=1):
+        method, variant, shots, settings = cells[key]
+        print(f"[{number}/{len(todo)}] {key} ...", flush=True)
+        records[key] = measure(args, method, variant, shots, settings, Path(args.runs) / key.replace("/", "_"))
+        if on_record is not None:
+            on_record(key, records[key])
+        write_json(path, payload)
+        r = records[key]
+        print(f"    {r['accuracy_mean']:.2f} ± {r['accuracy_ci95']:.2f} % after {r['steps']} {r['steps_unit']} "
+              f"in {r['train_seconds']} s ({r['wall_seconds']:.0f} s in all)", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ comparison
+def comparison_cells(args: argparse.Namespace) -> dict[str, tuple[str, str, int, dict[str, Any]]]:
+    return {cell_key(m, v, k): (m, v, k, cell_settings(args, m, v, k))
+            for k in args.shots for m in args.methods for v in args.variants}
+
+
+def compare(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    """Run the selected cells that are not measured yet, then write the JSON, the table and the plot."""
+    path = Path(args.out)
+    payload = load_payload(path, shared_settings(args))
+    if not args.report:
+        command = command_line("compare_methods", argv)
+        if command not in payload["commands"]:
+            payload["commands"].append(command)
+        run_cells(args, payload, path, comparison_cells(args))
+    if not payload["records"]:
+        raise ValueError(f"{path} holds no cells yet: run some first (without --report)")
+    write_report(payload, path)
+    print(markdown(payload))
+    return payload
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _ordered(records: Mapping[str, Any]) -> tuple[list[str], list[str], list[int]]:
+    """The methods, variants and shot counts present, in the order of METHODS, VARIANTS, shots."""
+    values = list(records.values())
+    methods = [m for m in METHODS if any(r["method"] == m for r in values)]
+    methods += sorted({r["method"] for r in values} - set(methods))
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in values)]
+    shots = sorted({int(r["shots"]) for r in values})
+    return methods, variants, shots
+
+
+def _by_cell(records: Mapping[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    return {(r["method"], r["variant"], int(r["shots"])): r for r in records.values()}
+
+
+def budget_line(payload: Mapping[str, Any]) -> str:
+    s = payload["settings"]
+    return (f"**Budget: {s['train_seconds']:g} s of training per run** (wall clock, validation included; "
+            f"{s['threads']} thread(s), device {s['device']}), then {s['test_episodes']} seeded "
+            f"{s['ways']}-way test episodes (--test-seed {s['test_seed']}, the same for every cell, 15 queries "
+            f"per class). Backbone {s['backbone']} width {s['width']}, ACDC-net with m={s['atoms']} atoms.")
+
+
+def markdown(payload: Mapping[str, Any]) -> str:
+    """Methods × {shots} × {dense, ACDC-net}: accuracy ± CI95; then what each run reached in its budget."""
+    records = payload["records"]
+    methods, variants, shots = _ordered(records)
+    by = _by_cell(records)
+    columns = [(k, v) for k in shots for v in variants]
+    header = ["method"] + [f"{k}-shot {LABELS[v]}" for k, v in columns]
+
+    def accuracy(r: Mapping[str, Any] | None) -> str:
+        return "not run" if r is None else f"{r['accuracy_mean']:.2f} ± {r['accuracy_ci95']:.2f}"
+
+    def reached(r: Mapping[str, Any] | None) -> str:
+        if r is None:
+            return "–"
+        epochs = f", {r['epochs']} epochs" if r.get("epochs") is not None else ""
+        return f"{r['steps']} {r['steps_unit']}{epochs} in {r['train_seconds']} s"
+
+    rows = [[m] + [accuracy(by.get((m, v, k))) for k, v in columns] for m in methods]
+    steps = [[m] + [reached(by.get((m, v, k))) for k, v in columns] for m in methods]
+    params = sorted({(r["variant"], r["parameters"]) for r in records.values() if r.get("parameters")})
     lines = [
-        f"# Few-shot methods on glyphs: {args.backbone} (width {args.width}), dense vs ACDC-net (m={args.atoms})",
+        "# Few-shot methods at an equal training budget: dense vs ACDC-net on glyphs",
         "",
-        f"{args.ways}-way {args.shots}-shot, {args.test_episodes} seeded test episodes (--test-seed "
-        f"{args.test_seed}, the same episodes for every run), 15 queries per class; accuracy ± 1.96·std/√n. "
-        f"Chance: {100 / args.ways:.0f}%.",
+        budget_line(payload),
         "",
-        "**CPU-sized training, far below Chen et al.'s settings:** "
-        f"ProtoNet / MatchingNet / RelationNet {args.train_episodes} training episodes (meta-batch 1); "
-        f"MAML first-order, vmapped (--vectorize), {args.maml_train_episodes} training episodes "
-        f"(meta-batch 4, 5 inner steps at lr 0.01); Baseline / Baseline++ {args.pretrain_epochs} pretraining "
-        f"epochs at batch {args.pretrain_batch} (Chen et al.: 400 at 16), new head {args.head_epochs} epochs "
-        f"per test episode (Chen et al.: 100). Episodic runs validate every {args.val_every} meta-steps on "
-        f"{args.val_episodes} episodes (0: once, after training) and test the best checkpoint. `s` is the wall time of the whole run "
-        "(training + test) on a shared 2-core CPU: compare seconds only within this table.",
+        "Test accuracy (%) ± 95% confidence interval (1.96·std/√n over the episodes). Chance: "
+        f"{100 / payload['settings']['ways']:.0f}%. Each method at its settings of the validation-split search "
+        "(`METHOD_SETTINGS` in the script; MAML: `configs/maml_glyphs_demo.yaml`).",
         "",
         markdown_table(header, rows),
         "",
-        "Command: `" + args.command + "`",
+        "Training reached in the budget (episodic: meta-steps; Baseline/Baseline++: batches and full epochs):",
+        "",
+        markdown_table(header, steps),
+        "",
+        "Backbone parameters: " + ", ".join(f"{LABELS.get(v, v)} {p:,}" for v, p in params) + ".",
+        "",
+        "Command(s): " + ", ".join(f"`{c}`" for c in payload.get("commands", [])),
         "",
     ]
     return "\n".join(lines)
 
 
-def plot(args: argparse.Namespace, records: list[dict[str, Any]], path: Path) -> Path:
-    """Bar chart of accuracy with 95% CI bars, variants side by side per method (Agg backend)."""
+def plot(payload: Mapping[str, Any], path: Path) -> Path:
+    """Grouped bars with 95% CI error bars: one panel per shot count, groups = methods, bars = variants."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_key = {(r["method"], r["variant"]): r for r in records}
-    fig, ax = plt.subplots(figsize=(1.3 * len(args.methods) + 2, 4))
-    width = 0.8 / len(args.variants)
-    for k, variant in enumerate(args.variants):
-        xs = [i + (k - (len(args.variants) - 1) / 2) * width for i in range(len(args.methods))]
-        means = [by_key[(m, variant)]["accuracy_mean"] for m in args.methods]
-        cis = [by_key[(m, variant)]["accuracy_ci95"] for m in args.methods]
-        ax.bar(xs, means, width, yerr=cis, capsize=3, label=variant)
-    ax.axhline(100 / args.ways, color="gray", linestyle=":", linewidth=1, label="chance")
-    ax.set_xticks(range(len(args.methods)), args.methods)
-    ax.set_ylabel("test accuracy (%) ± 95% CI")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"glyphs {args.ways}-way {args.shots}-shot, {args.backbone} width {args.width}, "
-                 f"{args.test_episodes} test episodes")
-    ax.legend(loc="lower right", fontsize=8)
+    records = payload["records"]
+    methods, variants, shots = _ordered(records)
+    by = _by_cell(records)
+    fig, axes = plt.subplots(1, len(shots), figsize=(1.2 * len(methods) * len(shots) + 2, 4), squeeze=False,
+                             sharey=True)
+    width = 0.8 / max(len(variants), 1)
+    for ax, k in zip(axes[0], shots):
+        for j, v in enumerate(variants):
+            cells = [(i, by[(m, v, k)]) for i, m in enumerate(methods) if (m, v, k) in by]
+            xs = [i + (j - (len(variants) - 1) / 2) * width for i, _ in cells]
+            ax.bar(xs, [r["accuracy_mean"] for _, r in cells], width, yerr=[r["accuracy_ci95"] for _, r in cells],
+                   capsize=3, label=LABELS[v], color=f"C{0 if v == 'dense' else 3}")
+        ax.axhline(100 / payload["settings"]["ways"], color="gray", linestyle=":", linewidth=1, label="chance")
+        ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right")
+        ax.set_title(f"{payload['settings']['ways']}-way {k}-shot")
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%) ± 95% CI")
+    legend = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), loc="upper right", ncol=len(legend), fontsize=8)
+    s = payload["settings"]
+    fig.suptitle(f"{s['train_seconds']:g} s of training per run, {s['backbone']} width {s['width']}, "
+                 f"{s['test_episodes']} test episodes", fontsize=10, x=0.02, ha="left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_report(payload: Mapping[str, Any], path: Path) -> None:
+    """``path`` (JSON), and the table (.md) and plot (.png) next to it."""
+    write_json(path, payload)
+    path.with_suffix(".md").write_text(markdown(payload))
+    plot(payload, path.with_suffix(".png"))
+    print(f"wrote {path} and its .md, .png")
+
+
+# ------------------------------------------------------------------------------------------------ tuning
+def tuning_cells(args: argparse.Namespace) -> dict[str, tuple[str, str, int, dict[str, Any]]]:
+    """Every candidate of every selected method (but MAML) on the tuning cell(s), on validation episodes."""
+    cells = {}
+    for method in args.methods:
+        for name, overrides in TUNE_CANDIDATES.get(method, {}).items():
+            for variant in args.tune_variants:
+                settings = cell_settings(args, method, variant, args.tune_shots, overrides, split="val")
+                cells[f"{method}/{name}/{variant}/{args.tune_shots}shot"] = (method, variant, args.tune_shots,
+                                                                              settings)
+    return cells
+
+
+def chosen_settings(records: Mapping[str, Any], variants: Sequence[str], shots: int) -> dict[str, Any]:
+    """Per method whose candidates are all measured: the winner (mean validation accuracy over the tuning
+    cells) and its METHOD_SETTINGS entry."""
+    chosen = {}
+    for method, candidates in TUNE_CANDIDATES.items():
+        keys = {name: [f"{method}/{name}/{v}/{shots}shot" for v in variants] for name in candidates}
+        if not all(key in records for ks in keys.values() for key in ks):
+            continue
+        score = {name: statistics.fmean(records[key]["accuracy_mean"] for key in ks) for name, ks in keys.items()}
+        winner = max(score, key=score.get)
+        chosen[method] = {"candidate": winner, "val_accuracy": round(score[winner], 2),
+                          "settings": {**METHOD_SETTINGS[method], **candidates[winner]}}
+    return chosen
+
+
+def tune(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    """The validation-split search: run the missing candidates, record the winners under ``chosen``."""
+    if "maml" in args.methods:
+        print("maml: not searched here (benchmarks/tune_glyphs.py chose configs/maml_glyphs_demo.yaml)")
+    path = Path(args.tune_out)
+    shared = {key: value for key, value in shared_settings(args).items() if key not in ("test_episodes", "test_seed")}
+    shared.update(tune_shots=args.tune_shots, tune_variants=args.tune_variants, tune_episodes=args.tune_episodes)
+    payload = load_payload(path, shared)
+    command = command_line("compare_methods", argv)
+    if command not in payload["commands"]:
+        payload["commands"].append(command)
+    run_cells(args, payload, path, tuning_cells(args))
+    payload["chosen"] = chosen_settings(payload["records"], args.tune_variants, args.tune_shots)
+    write_json(path, payload)
+    for method, choice in payload["chosen"].items():
+        print(f"{method}: {choice['candidate']} ({choice['val_accuracy']:.2f}% on validation) -> "
+              f"METHOD_SETTINGS[{method!r}] = {choice['settings']}")
+    print(f"wrote {path}")
+    return payload
 
 
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.command = ("python benchmarks/compare_methods.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
-    started = time.perf_counter()
-    info = machine(torch.device(args.device))
-    records = []
-    for method in args.methods:
-        for variant in args.variants:
-            records.append(run_one(args, method, variant))
-    info["load_average_1min_at_end"] = load_average()
-    results = Path(args.results)
-    settings = {k: v for k, v in vars(args).items() if k != "command"}
-    payload = {
-        "command": args.command,
-        "settings": settings,
-        "machine": info,
-        "seconds_total": round(time.perf_counter() - started, 1),
-        "records": records,
-    }
-    write_json(results / "compare_methods.json", payload)
-    (results / "compare_methods.md").write_text(markdown(args, records))
-    plot(args, records, results / "compare_methods.png")
-    print(markdown(args, records))
-    print(f"total {payload['seconds_total']:.0f} s; wrote {results}/compare_methods.{{json,md,png}}")
-    return payload
+    check(args)
+    return tune(args, argv) if args.tune else compare(args, argv)
 
 
 if __name__ == "__main__":

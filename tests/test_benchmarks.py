@@ -207,19 +207,162 @@ def test_acdc_overhead_scope_layer_gives_every_conv_its_own_coefficients(tmp_pat
     assert layer["parameters"]["acdc"] - net["parameters"]["acdc"] == 2 * 64 * 64 * 8 + 64 * 3 * 8
 
 
-def test_compare_methods_quick_writes_table_json_and_plot(tmp_path) -> None:
-    import json
+# ------------------------------------------------------------------------------------------------ compare_methods
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+
+def _fake_result(accuracy: float, steps: int = 7) -> dict:
+    """What a run's result.json holds, as far as compare_methods reads it."""
+    return {"acdc": "none", "split": "test", "test_seed": 0, "episodes": 600, "accuracy_mean": accuracy,
+            "accuracy_ci95": 0.5, "parameters": 1000, "train_seconds": 150.2, "stopped_by": "train_seconds",
+            "meta_steps": steps, "best_step": steps, "seconds": 170.0, "episode_accuracies": [accuracy]}
+
+
+def _fake_payload() -> dict:
+    """Two methods x {dense, ACDC-net} x {1, 5}-shot, one cell missing."""
+    records = {}
+    for m, method in enumerate(("protonet", "baseline")):
+        for v, variant in enumerate(("dense", "acdc-net")):
+            for shots in (1, 5):
+                if (method, variant, shots) == ("baseline", "acdc-net", 5):
+                    continue
+                records[f"{method}/{variant}/{shots}shot"] = {
+                    "method": method, "variant": variant, "shots": shots, "accuracy_mean": 40.0 + 10 * m + v + shots,
+                    "accuracy_ci95": 0.25 + v, "parameters": 2000 - 1000 * v, "train_seconds": 150.3,
+                    "steps": 100 + shots, "steps_unit": "batches" if method == "baseline" else "meta-steps",
+                    "epochs": 3 if method == "baseline" else None}
+    settings = {"train_seconds": 150.0, "test_episodes": 600, "test_seed": 0, "seed": 0, "backbone": "conv4",
+                "width": 32, "stem": None, "atoms": 8, "ways": 5, "device": "cpu", "threads": 1}
+    return {"settings": settings, "records": records, "commands": ["python benchmarks/compare_methods.py"]}
+
+
+def test_compare_methods_report_of_a_fake_result_set(tmp_path: Path) -> None:
     compare_methods = load("compare_methods")
-    out = tmp_path / "runs"
-    compare_methods.main(["--quick", "--methods", "protonet", "--variants", "dense", "acdc-net",
-                          "--out-dir", str(out), "--results", str(tmp_path)])
-    payload = json.loads((tmp_path / "compare_methods.json").read_text())
-    records = payload["records"]
-    assert sorted((r["method"], r["acdc"]) for r in records) == [("protonet", "net"), ("protonet", "none")]
-    assert len({r["test_seed"] for r in records}) == 1  # the same test episodes for both
-    assert "| protonet |" in (tmp_path / "compare_methods.md").read_text()
-    assert (tmp_path / "compare_methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    path = tmp_path / "compare_methods.json"
+    compare_methods.write_report(_fake_payload(), path)
+    text = path.with_suffix(".md").read_text()
+    assert "**Budget: 150 s of training per run**" in text and "600 seeded 5-way test episodes" in text
+    tables = [line for line in text.splitlines() if line.startswith("|")]
+    assert tables[0] == "| method | 1-shot dense | 1-shot ACDC-net | 5-shot dense | 5-shot ACDC-net |"
+    assert tables[2] == "| protonet | 41.00 ± 0.25 | 42.00 ± 1.25 | 45.00 ± 0.25 | 46.00 ± 1.25 |"
+    assert tables[3] == "| baseline | 51.00 ± 0.25 | 52.00 ± 1.25 | 55.00 ± 0.25 | not run |"
+    assert tables[6] == "| protonet | 101 meta-steps in 150.3 s | 101 meta-steps in 150.3 s | " \
+                        "105 meta-steps in 150.3 s | 105 meta-steps in 150.3 s |"
+    assert tables[7].startswith("| baseline | 101 batches, 3 epochs in 150.3 s |") and tables[7].endswith("| – |")
+    assert len(tables) == 8
+    assert "Backbone parameters: ACDC-net 1,000, dense 2,000." in text
+    assert path.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    assert json.loads(path.read_text())["records"] == _fake_payload()["records"]
+
+
+def test_compare_methods_skips_cells_already_in_the_json(tmp_path: Path, monkeypatch) -> None:
+    compare_methods = load("compare_methods")
+    calls: list[str] = []
+
+    def fake_run(settings, run_dir, threads):
+        calls.append(f"{settings['method']}/{settings['acdc']}/{settings['shots']}")
+        return _fake_result(30.0 + len(calls))
+
+    monkeypatch.setattr(compare_methods, "run_cell", fake_run)
+    out = tmp_path / "cm.json"
+    argv = ["--quick", "--methods", "protonet", "baseline", "--variants", "dense", "--shots", "1",
+            "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    args = compare_methods.parse(argv)
+    present = compare_methods.cell_record(_fake_result(77.0), "protonet", "dense", 1,
+                                          compare_methods.cell_settings(args, "protonet", "dense", 1), 1.0, None)
+    compare_methods.write_json(out, {"settings": compare_methods.shared_settings(args),
+                                     "records": {"protonet/dense/1shot": present}})
+    payload = compare_methods.main(argv)
+    assert calls == ["baseline/none/1"]  # protonet was there
+    assert payload["records"]["protonet/dense/1shot"]["accuracy_mean"] == 77.0
+    assert payload["records"]["baseline/dense/1shot"]["steps_unit"] == "batches"
+    compare_methods.main(argv)  # everything measured: nothing runs
+    assert calls == ["baseline/none/1"]
+    compare_methods.main([*argv, "--shots", "1", "5"])  # the 5-shot cells are new
+    assert calls == ["baseline/none/1", "protonet/none/5", "baseline/none/5"]
+    assert "| baseline | 31.00 ± 0.50 | 33.00 ± 0.50 |" in out.with_suffix(".md").read_text()
+
+
+def test_compare_methods_refuses_records_measured_otherwise(tmp_path: Path, monkeypatch, capsys) -> None:
+    compare_methods = load("compare_methods")
+    monkeypatch.setattr(compare_methods, "run_cell", lambda settings, run_dir, threads: _fake_result(50.0))
+    out = tmp_path / "cm.json"
+    argv = ["--quick", "--methods", "protonet", "--variants", "dense", "--shots", "1", "--out", str(out),
+            "--runs", str(tmp_path / "runs")]
+    compare_methods.main(argv)
+    for extra, message in ((["--train-seconds", "3"], "was measured with train_seconds = 2.0, not 3.0"),
+                           (["--train-seconds", "0"], "--train-seconds must be a positive number of seconds"),
+                           (["--shots", "0"], "--shots must be >= 1, got 0")):
+        with pytest.raises(SystemExit) as exc:
+            compare_methods.main([*argv, *extra])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+    record = json.loads(out.read_text())
+    record["records"]["protonet/dense/1shot"]["settings"]["lr"] = 0.1  # METHOD_SETTINGS changed since
+    compare_methods.write_json(out, record)
+    with pytest.raises(SystemExit):
+        compare_methods.main(argv)
+    assert "holds protonet/dense/1shot measured with other settings" in capsys.readouterr().err
+
+
+def test_compare_methods_cell_settings_share_the_test_and_take_maml_from_its_config() -> None:
+    compare_methods = load("compare_methods")
+    args = compare_methods.parse([])
+    config = compare_methods.maml_config(compare_methods.MAML_CONFIG)
+    cells = compare_methods.comparison_cells(args)
+    assert len(cells) == 24
+    shared = {"dataset": "glyphs", "backbone": "conv4", "width": 32, "ways": 5, "test_queries": 15,
+              "test_split": "test", "test_seed": 0, "test_episodes": 600, "train_seconds": 150.0}
+    for key, (method, variant, shots, settings) in cells.items():
+        assert {k: settings[k] for k in shared} == shared, key
+        assert settings["shots"] == shots and settings["acdc"] == compare_methods.VARIANTS[variant]
+        assert "stem" not in settings and "out" not in settings
+    maml = cells["maml/acdc-net/5shot"][3]
+    tuned = {k: v for k, v in config.items() if k not in compare_methods.MAML_DROPPED and k != "eval_batch"}
+    assert tuned and {k: maml[k] for k in tuned} == tuned  # at its tuned strength
+    assert maml["atoms"] == config.get("atoms", 8) and maml["train_episodes"] == compare_methods.EPISODE_CAP
+    baseline = cells["baseline/dense/1shot"][3]
+    assert baseline["pretrain_epochs"] >= 100 and "train_episodes" not in baseline  # the budget stops it
+    tuning = compare_methods.tuning_cells(args)
+    assert not any(key.startswith("maml/") for key in tuning)
+    splits = {(s["test_split"], s["test_seed"], s["shots"], s["acdc"]) for *_, s in tuning.values()}
+    assert splits == {("val", 100, 1, "net")}  # the validation split, on the ACDC-net 1-shot cell
+
+
+def test_compare_methods_tune_records_candidates_and_the_winners(tmp_path: Path, monkeypatch) -> None:
+    compare_methods = load("compare_methods")
+    seen: list[dict] = []
+
+    def fake_run(settings, run_dir, threads):
+        seen.append(dict(settings))
+        return _fake_result(50.0 + 10 * settings["lr"] * 100)  # the larger learning rate wins
+
+    monkeypatch.setattr(compare_methods, "run_cell", fake_run)
+    out = tmp_path / "tuning.json"
+    argv = ["--tune", "--quick", "--methods", "protonet", "maml", "--tune-out", str(out), "--runs", str(tmp_path)]
+    payload = compare_methods.main(argv)
+    assert len(seen) == len(compare_methods.TUNE_CANDIDATES["protonet"]) == len(payload["records"])
+    assert all(s["test_split"] == "val" and s["test_seed"] == 100 for s in seen)
+    chosen = json.loads(out.read_text())["chosen"]["protonet"]
+    assert chosen["candidate"] == "adam3e-3" and chosen["settings"]["lr"] == 3e-3
+    compare_methods.main(argv)  # every candidate measured: none runs again
+    assert len(seen) == len(compare_methods.TUNE_CANDIDATES["protonet"])
+
+
+def test_compare_methods_quick_smoke_one_cell_end_to_end(tmp_path: Path) -> None:
+    compare_methods = load("compare_methods")
+    out = tmp_path / "compare_methods.json"
+    compare_methods.main(["--quick", "--methods", "baseline", "--variants", "acdc-net", "--shots", "1",
+                          "--runs", str(tmp_path / "runs"), "--out", str(out)])
+    payload = json.loads(out.read_text())
+    (record,) = payload["records"].values()
+    assert (record["method"], record["variant"], record["shots"], record["acdc"]) == ("baseline", "acdc-net", 1, "net")
+    assert record["episodes"] == 10 and record["split"] == "test" and record["test_seed"] == 0
+    assert record["stopped_by"] == "train_seconds" and record["steps"] > 0 and record["train_seconds"] >= 2.0
+    assert record["settings"]["train_seconds"] == 2.0 and record["parameters"] > 0
+    assert "| baseline | not run |" not in out.with_suffix(".md").read_text()
+    assert "| baseline | " in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
 
 
 # ------------------------------------------------------------------------------------------------ cuda.sh
