@@ -90,11 +90,9 @@ STAGES: list[Stage] = [
         "drop0.1-query": {"inner_atom_drop": "query"},
         "drop0": {"atom_drop": 0.0},
     }),
-    Stage("meta-batch and order", "more tasks per update against more updates; second order at its cost", {
-        "mb4-first": {},
-        "mb2-first": {"meta_batch": 2},
-        "mb8-first": {"meta_batch": 8},
-        "mb4-second": {"first_order": False},
+    Stage("order", "second-order meta-gradients at their measured cost (ms/episode)", {
+        "first": {},
+        "second": {"first_order": False},
     }, equal_time=True),
     Stage("outer learning rate", "Adam 1e-3 (Chen et al.) against larger steps, constant or cosine-annealed", {
         "adam1e-3": {},
@@ -109,12 +107,12 @@ STAGES: list[Stage] = [
         "test10-m16": {"atoms": 16},
         "test10-m4": {"atoms": 4},
     }),
-    Stage("cost of a meta-step", "the 80 query images and the support steps set a step's cost: fewer of "
-          "either buys more meta-steps in the same time", {
-        "q16-s5": {},
-        "q8-s5": {"queries": 8},
-        "q4-s5": {"queries": 4},
-        "q16-s3": {"inner_steps": 3},
+    Stage("cost and size of a meta-step", "the 80 query images and the support steps set a step's cost: "
+          "fewer of either buys more meta-steps in the same time; more tasks per update against more updates", {
+        "q16-s5-mb4": {},
+        "q8-s5-mb4": {"queries": 8},
+        "q16-s3-mb4": {"inner_steps": 3},
+        "q16-s5-mb8": {"meta_batch": 8},
     }, equal_time=True),
 ]
 
