@@ -170,7 +170,7 @@ def manual_scores(learner: RelationNet, ep: Episode, reduce: str) -> torch.Tenso
 
 
 @pytest.mark.parametrize("shots", [1, 5])
-def test_scores_match_a_hand_computation_with_summed_class_maps(shots):
+def test_scores_match_a_hand_computation_with_averaged_class_maps(shots):
     torch.manual_seed(0)
     learner = build("conv4-84px")
     learner.train()
@@ -178,15 +178,15 @@ def test_scores_match_a_hand_computation_with_summed_class_maps(shots):
     ep = episode_for("conv4-84px", ways=3, shots=shots, queries=2, seed=1)
     learner.eval()
     scores = learner.predict(ep)
-    torch.testing.assert_close(scores, manual_scores(learner, ep, "sum"), atol=1e-5, rtol=1e-4)
-    averaged = create_learner("relationnet", learner.backbone, 5, image_size=84, class_map="mean")
-    averaged.load_state_dict(learner.state_dict())
-    averaged.eval()
-    torch.testing.assert_close(averaged.predict(ep), manual_scores(learner, ep, "mean"), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(scores, manual_scores(learner, ep, "mean"), atol=1e-5, rtol=1e-4)
+    summed = create_learner("relationnet", learner.backbone, 5, image_size=84, class_map="sum")
+    summed.load_state_dict(learner.state_dict())
+    summed.eval()
+    torch.testing.assert_close(summed.predict(ep), manual_scores(learner, ep, "sum"), atol=1e-5, rtol=1e-4)
     if shots == 1:  # one support map per class: summing and averaging agree
-        torch.testing.assert_close(averaged.predict(ep), scores)
-    else:  # the class map's scale reaches the scores: the sum is what is used
-        assert (averaged.predict(ep) - scores).abs().max() > 1e-3
+        torch.testing.assert_close(summed.predict(ep), scores)
+    else:  # the class map's scale reaches the scores: the mean (Chen et al.) is what is used
+        assert (summed.predict(ep) - scores).abs().max() > 1e-3
 
 
 def test_mse_is_the_default_loss_against_one_hot_targets():
@@ -217,7 +217,7 @@ def test_cli_builds_relationnet_with_mse_and_the_runs_image_size():
     flags = ["--method", "relationnet", "--dataset", "glyphs", "--backbone", "resnet10", "--stem", "small",
              "--width", "2", "--device", "cpu"]
     learner, _ = build_learner(resolve(build_parser().parse_args(flags)), in_channels=1)
-    assert learner.loss_type == "mse" and learner.class_map == "sum"
+    assert learner.loss_type == "mse" and learner.class_map == "mean"
     assert learner.map_shape == (16, 4, 4)  # 28 px glyphs through the small stem
     args = resolve(build_parser().parse_args([*flags, "--image-size", "40", "--relation-loss", "softmax"]))
     learner, _ = build_learner(args, in_channels=1)

@@ -2,7 +2,7 @@
 
 The backbone's last feature map (``Backbone.forward_map``: ``C x H x W``, not pooled or flattened) of every
 image is computed in one pass over support + query. The support maps of each class are combined into one
-class map (``class_map="sum"``, the default, as Sung et al.'s code; ``"mean"`` as Chen et al.'s code).
+class map (``class_map="mean"``, the default, as Chen et al.'s code; ``"sum"`` as Sung et al.'s code).
 Every (class map, query map) pair is concatenated along channels (``2C x H x W``) and scored by the
 relation module (:class:`RelationModule`): two conv blocks ``2C -> C -> C`` [conv3x3, BatchNorm, ReLU,
 max-pool 2], flatten, ``fc -> hidden`` (8), ReLU, ``fc -> 1``.
@@ -164,7 +164,7 @@ class RelationNet(Learner):
     * ``hidden`` (int, default 8): width of the relation module's hidden fc layer.
     * ``image_size`` (int, default: the backbone's ``image_size`` attribute): the input size, which
       fixes the backbone's feature-map size and so the relation module's layout.
-    * ``class_map`` ("sum" or "mean", default "sum"): how a class's support maps are combined.
+    * ``class_map`` ("mean" or "sum", default "mean" as Chen et al.): how a class's support maps are combined.
     """
 
     def __init__(
@@ -175,7 +175,7 @@ class RelationNet(Learner):
         loss: str = "mse",
         hidden: int = 8,
         image_size: int | None = None,
-        class_map: str = "sum",
+        class_map: str = "mean",
         **unknown,
     ) -> None:
         reject_unknown_options("relationnet", unknown, RelationNet.__init__)
