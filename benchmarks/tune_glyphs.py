@@ -289,6 +289,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             payload["stages"][str(index)] = planned
             write_json(out, payload)
 
+        for k in list(todo):  # the same settings and budget measured before (e.g. the last winner): reuse
+            name = list(stage.candidates)[k]
+            same = next((key for key, r in records.items() if r["settings"] == settings[k]
+                         and r["train_episodes"] == planned["train_episodes"][k]), None)
+            if same is not None:
+                records[f"{index}/{name}"] = {**records[same], "stage": stage.name, "reused_from": same}
+                print(f"  {index}/{name}: the run of {same} (same settings and budget)", flush=True)
+                todo.remove(k)
+        write_json(out, payload)
+
         def one(k: int) -> tuple[str, dict[str, Any]]:
             name = list(stage.candidates)[k]
             run_dir = Path(args.runs) / f"{index}-{name}"
