@@ -473,3 +473,31 @@ def test_tune_glyphs_stage_winners_build_the_next_base() -> None:
     assert settings == expected
     with pytest.raises(RuntimeError, match="stage 3 .* is not complete"):
         tune.best_settings(records, 3)
+
+
+def test_tune_glyphs_reuses_a_run_of_the_same_settings_and_budget(tmp_path, monkeypatch) -> None:
+    tune = load("tune_glyphs")
+    out = tmp_path / "tune.json"
+    stage1 = tune.STAGES[0]
+    records = {}
+    for rank, (name, overrides) in enumerate(stage1.candidates.items()):
+        records[f"1/{name}"] = {"settings": {**tune.BASE, **overrides}, "train_episodes": 30,
+                                "val_accuracy": 60.0 - rank, "val_ci95": 1.0, "best_step": 1,
+                                "train_seconds": 1.0}  # the first candidate (BASE) wins
+    out.write_text(json.dumps({"records": records, "stages": {}, "episodes": 30, "val_episodes": 5, "seed": 0}))
+    calls = []
+
+    def fake_run(settings, episodes, run_dir, args):
+        calls.append((settings["inner_lr"], episodes))
+        return {"settings": dict(settings), "train_episodes": episodes, "val_accuracy": 50.0, "val_ci95": 1.0,
+                "meta_steps": 1, "train_seconds": 1.0, "best_step": 1}
+
+    monkeypatch.setattr(tune, "run_candidate", fake_run)
+    tune.main(["--stages", "2", "--episodes", "30", "--val-episodes", "5", "--jobs", "1",
+               "--runs", str(tmp_path / "runs"), "--out", str(out)])
+    payload = json.loads(out.read_text())
+    first, second = list(tune.STAGES[1].candidates)
+    assert calls == [(tune.STAGES[1].candidates[second]["inner_lr"], 30)]  # the first candidate is stage 1's winner
+    assert payload["records"][f"2/{first}"]["reused_from"] == "1/conv4-w32"
+    assert payload["records"][f"2/{first}"]["val_accuracy"] == 60.0
+    assert "| 2 | inner step size |" in (tmp_path / "tune.md").read_text()
