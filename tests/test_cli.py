@@ -38,19 +38,7 @@ RESULT_KEYS = {"dataset", "method", "backbone", "acdc", "atoms", "ways", "shots"
                "accuracy_ci95", "parameters", "seconds"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def glyphs_cache():
-    """Build the glyphs cache (~/.cache/fewshot, shared with the other tests) before anything reads stderr."""
-    for split in ("train", "val", "test"):
-        create_dataset("glyphs", split, image_size=28)
+pytestmark = pytest.mark.usefixtures("torch_one_thread", "glyphs_cache")
 
 
 @pytest.fixture(scope="module")

@@ -26,18 +26,7 @@ TINY = ["--dataset", "glyphs", "--no-progress", "--backbone", "conv4", "--width"
         "--first-order", "--inner-lr", "0.1", "--val-episodes", "4", "--test-episodes", "6", "--eval-batch", "3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def glyphs_cache():
-    for split in ("train", "val", "test"):
-        create_dataset("glyphs", split, image_size=28)
+pytestmark = pytest.mark.usefixtures("torch_one_thread", "glyphs_cache")
 
 
 # ------------------------------------------------------------------------------------------------
