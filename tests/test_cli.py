@@ -24,7 +24,6 @@ import yaml
 
 from fewshot.cli import build_parser, main, resolve
 from fewshot.config import parse_args_with_config
-from fewshot.data import create_dataset
 from fewshot.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
