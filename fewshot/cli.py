@@ -7,7 +7,6 @@ and write ``result.json`` next to the saved config and checkpoints.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from fewshot.evaluation import evaluate, result_record
 from fewshot.learners.maml import ATOM_DROP_MODES
 from fewshot.training.episodic import LR_SCHEDULES
 from fewshot.io import write_json
+from fewshot.training.budget import check_train_seconds
 from fewshot.training.distributed import resolve_device
 
 FEWSHOT_BACKBONES = ("conv4", "resnet10", "resnet18", "resnet34")
@@ -174,8 +174,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                            "val_episodes", "test_episodes", "atoms", "image_size", "eval_batch",
                            "fce_steps", "pretrain_epochs", "pretrain_batch", "head_epochs", "width"))
     _check_positive(args, ("inner_steps", "test_inner_steps", "val_every", "workers"), minimum=0)
-    if args.train_seconds is not None and not (math.isfinite(args.train_seconds) and args.train_seconds > 0):
-        raise ValueError(f"--train-seconds must be a positive number of seconds, got {args.train_seconds}")
+    check_train_seconds(args.train_seconds)
     if not 0.0 <= args.atom_drop < 1.0:
         raise ValueError(f"--atom-drop must be in [0, 1), got {args.atom_drop}")
     grouped = args.acdc.startswith("g-")

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fewshot.training.budget import check_train_seconds
 from fewshot.data.episode import Episode
 from fewshot.evaluation import episode_accuracy, evaluate
 from fewshot.learners.base import Learner
@@ -60,8 +61,7 @@ class EpisodicSchedule:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.val_every < 0:
             raise ValueError(f"val_every must be >= 0 (0: validate only at the end), got {self.val_every}")
-        if self.train_seconds is not None and not (math.isfinite(self.train_seconds) and self.train_seconds > 0):
-            raise ValueError(f"train_seconds must be a positive number of seconds, got {self.train_seconds}")
+        check_train_seconds(self.train_seconds)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 

@@ -16,7 +16,6 @@ head (Baseline++) goes through the same loop as a CIFAR ResNet.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from fewshot.training.budget import check_train_seconds
 from fewshot.data.classification import AugmentedDataset, ClassificationData, EpochSampler, Normalizer, ShardSampler
 from fewshot.training.checkpoint import (
     ModelSpec,
@@ -108,8 +108,7 @@ class LoopConfig:
             raise ValueError("workers and save_every_steps must be >= 0 and eval_every >= 1")
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ValueError(f"--stop-at-step must be >= 1, got {self.stop_at_step}")
-        if self.train_seconds is not None and not (math.isfinite(self.train_seconds) and self.train_seconds > 0):
-            raise ValueError(f"--train-seconds must be a positive number of seconds, got {self.train_seconds}")
+        check_train_seconds(self.train_seconds)
 
 
 def set_seed(seed: int) -> None:
