@@ -232,28 +232,30 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def cli_arguments(settings: Mapping[str, Any]) -> list[str]:
-    """Command-line flags of ``run_maml.py`` / ``run_fewshot.py`` for a settings dictionary (keys as in a
-    config.yaml; booleans become present/absent flags, None is left out)."""
-    argv: list[str] = []
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            if value:
-                argv.append(flag)
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv
+def write_settings(settings: Mapping[str, Any], path: Path) -> Path:
+    """Write ``settings`` (keys as in a run's config.yaml; None values left out) as a ``--config`` file.
+
+    A config file rather than flags: every option type reads back as the CLI means it (e.g. ``fce:
+    false`` for an option that is on by default, which no single flag spelling covers for all options)."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({k: v for k, v in settings.items() if v is not None}, sort_keys=False))
+    return path
 
 
 def run_fewshot_cli(script: str, settings: Mapping[str, Any], out: Path, threads: int) -> dict[str, Any]:
-    """Run ``script`` (run_maml.py or run_fewshot.py) in a subprocess with ``settings`` and ``--out out``
-    at ``threads`` torch threads; returns its ``result.json`` record (RuntimeError with its stderr if it
-    fails)."""
+    """Run ``script`` (run_maml.py or run_fewshot.py) in a subprocess with ``settings`` (as a ``--config``
+    file) and ``--out out`` at ``threads`` torch threads; returns its ``result.json`` record
+    (RuntimeError with its stderr if it fails)."""
+    import tempfile
+
     root = Path(__file__).resolve().parent.parent
-    argv = [sys.executable, str(root / script), *cli_arguments(settings), "--out", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_settings(settings, Path(tmp) / "settings.yaml")
+        argv = [sys.executable, str(root / script), "--config", str(config), "--out", str(out), "--no-progress"]
+        done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"run failed ({done.returncode}): {' '.join(argv)}\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"run failed ({done.returncode}): {' '.join(argv)} with {dict(settings)}\n"
+                           f"{done.stderr[-2000:]}")
     return json.loads((out / "result.json").read_text())

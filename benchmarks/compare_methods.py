@@ -251,10 +251,7 @@ def run_cell(settings: Mapping[str, Any], run_dir: Path, threads: int) -> dict[s
     """One ``run_fewshot.py`` run in a subprocess (settings as a ``--config`` file); its ``result.json``."""
     if run_dir.exists():  # a run killed before it was recorded: start it again
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    config = run_dir / "cell.yaml"
-    config.write_text(yaml.safe_dump(dict(settings), sort_keys=False))
-    return run_fewshot_cli("run_fewshot.py", {"config": str(config)}, run_dir, threads)
+    return run_fewshot_cli("run_fewshot.py", settings, run_dir, threads)
 
 
 def cell_record(result: Mapping[str, Any], method: str, variant: str, shots: int, settings: Mapping[str, Any],

@@ -124,12 +124,16 @@ def step_costs(settings: Sequence[Mapping[str, Any]], rounds: int) -> list[float
     from fewshot.cli import build_learner, build_parser, episode_source, resolve
     from fewshot.config import parse_args_with_config
 
-    from common import cli_arguments
+    import tempfile
+
+    from common import write_settings
 
     contenders = []
     for one in settings:
-        argv = cli_arguments({**one, "out": "unused", "train_episodes": 4 * (rounds + 1) * one["meta_batch"]})
-        args = resolve(parse_args_with_config(build_parser("maml"), argv))
+        with tempfile.TemporaryDirectory() as tmp:
+            config = write_settings({**one, "train_episodes": 4 * (rounds + 1) * one["meta_batch"]},
+                                    Path(tmp) / "settings.yaml")
+            args = resolve(parse_args_with_config(build_parser("maml"), ["--config", str(config), "--out", "unused"]))
         source = episode_source(args, "train", args.train_episodes, 0, train=True)
         torch.manual_seed(0)
         learner, _ = build_learner(args, source.dataset.channels)
