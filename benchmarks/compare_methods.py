@@ -102,10 +102,12 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 # The candidates of --tune: name -> overrides of METHOD_SETTINGS (the first is METHOD_SETTINGS itself).
 TUNE_CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
     "protonet": {"adam1e-3": {}, "adam3e-3": {"lr": 3e-3},
-                 "adam3e-3-cosine": {"lr": 3e-3, "lr_schedule": "cosine"}},
-    "matchingnet": {"fce-adam1e-3": {}, "fce-adam3e-3": {"lr": 3e-3}, "nofce-adam1e-3": {"fce": False}},
+                 "adam3e-3-cosine": {"lr": 3e-3, "lr_schedule": "cosine"},
+                 "adam1e-3-20way": {"train_ways": 20}, "adam3e-3-20way": {"lr": 3e-3, "train_ways": 20}},
+    "matchingnet": {"fce-adam1e-3": {}, "fce-adam3e-3": {"lr": 3e-3}, "nofce-adam1e-3": {"fce": False},
+                    "fce-adam1e-3-20way": {"train_ways": 20}},
     "relationnet": {"mse-adam1e-3": {}, "softmax-adam1e-3": {"relation_loss": "softmax"},
-                    "mse-adam3e-3": {"lr": 3e-3}},
+                    "mse-adam3e-3": {"lr": 3e-3}, "mse-adam1e-3-20way": {"train_ways": 20}},
     "baseline": {"b64-adam1e-3": {}, "b16-adam1e-3": {"pretrain_batch": 16}, "b64-adam3e-3": {"lr": 3e-3}},
     "baseline_pp": {"b64-adam1e-3": {}, "b16-adam1e-3": {"pretrain_batch": 16}, "b64-adam3e-3": {"lr": 3e-3}},
 }

@@ -52,7 +52,7 @@ METHOD_DEFAULTS: dict[str, Any] = {
 # --train-seconds is not among them: it bounds both kinds of training.
 EPISODIC_TRAINING_DEFAULTS: dict[str, Any] = {
     "queries": 16, "train_episodes": 60000, "meta_batch": None, "val_every": 500, "val_episodes": 100,
-    "lr_schedule": "constant",
+    "lr_schedule": "constant", "train_ways": None,
 }
 
 
@@ -92,6 +92,10 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     episodes = p.add_argument_group("episodes")
     episodes.add_argument("--ways", type=int, default=5)
     episodes.add_argument("--shots", type=int, default=1)
+    episodes.add_argument("--train-ways", type=int, default=None,
+                          help="classes per training episode (default --ways); ProtoNet, MatchingNet and "
+                               "RelationNet may train on more ways than they are tested on (Snell et al. "
+                               "2017); validation and test episodes always have --ways")
     episodes.add_argument("--queries", type=int, default=None,
                           help="query images per class in episodic training (16)")
     episodes.add_argument("--test-queries", type=int, default=15)
@@ -233,6 +237,13 @@ def _resolve_training_options(args: argparse.Namespace) -> None:
             setattr(args, name, default)
     if args.meta_batch is None:
         args.meta_batch = 4 if args.method == "maml" else 1
+    if args.train_ways is None:
+        args.train_ways = args.ways
+    elif args.train_ways < 2:
+        raise ValueError(f"--train-ways must be >= 2, got {args.train_ways}")
+    elif args.method == "maml" and args.train_ways != args.ways:
+        raise ValueError(f"--train-ways {args.train_ways} does not apply to --method maml: its classifier head "
+                         f"has --ways {args.ways} outputs, so it trains on {args.ways}-way episodes")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,7 +291,9 @@ def build_learner(args: argparse.Namespace, in_channels: int):
 
 
 def episode_source(args: argparse.Namespace, split: str, episodes: int, seed: int, train: bool):
-    """Seeded episodes of one split (the same seed gives the same episodes for every learner)."""
+    """Seeded episodes of one split (the same seed gives the same episodes for every learner): training
+    episodes have ``--train-ways`` classes and ``--queries`` queries, the others ``--ways`` and
+    ``--test-queries``."""
     from fewshot.data import EpisodeSampler, build_transform, create_dataset
 
     try:
@@ -290,7 +303,8 @@ def episode_source(args: argparse.Namespace, split: str, episodes: int, seed: in
                                 "use --dataset glyphs") from None
     transform = build_transform(args.dataset, args.image_size, train=train)
     queries = args.queries if train else args.test_queries
-    return EpisodeSampler(dataset, args.ways, args.shots, queries, episodes, seed, transform=transform)
+    ways = args.train_ways if train else args.ways
+    return EpisodeSampler(dataset, ways, args.shots, queries, episodes, seed, transform=transform)
 
 
 def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path) -> dict[str, Any]:
@@ -370,7 +384,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result, dataset=args.dataset, method=args.method, backbone=args.backbone, acdc=args.acdc,
         atoms=args.atoms if args.acdc != "none" else None, group_size=args.group_size,
         ways=args.ways, shots=args.shots, queries=args.test_queries, image_size=args.image_size,
-        split=args.test_split,
+        split=args.test_split, train_ways=args.train_ways,
         parameters=sum(p.numel() for p in learner.backbone.parameters()),
         seconds=round(time.perf_counter() - started, 1), device=args.device, seed=args.seed,
         test_seed=args.test_seed, checkpoint=args.checkpoint, **summary,

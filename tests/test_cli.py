@@ -90,6 +90,13 @@ def fails(capsys, argv: list[str], out: Path, method: str | None = None, one_lin
         (["--acdc", "g-net"], "maml", ["--acdc g-net needs --group-size"]),
         (["--group-size", "4"], "maml", ["--group-size applies only to the grouped scopes", "--acdc none"]),
         (["--eval-only"], "maml", ["--eval-only needs --checkpoint"]),
+        (["--train-ways", "20"], "maml",
+         ["--train-ways 20 does not apply to --method maml", "head has --ways 5 outputs"]),
+        (["--method", "protonet", "--train-ways", "1"], None, ["--train-ways must be >= 2, got 1"]),
+        (["--method", "baseline", "--train-ways", "20"], None,
+         ["--train-ways does not apply to --method baseline"]),
+        (["--method", "protonet", "--train-ways", "300"], None,
+         ["glyphs/train has", "fewer than ways=300"]),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(capsys, tmp_path, flags, method, expected):
@@ -252,6 +259,23 @@ def test_other_methods_learn(tmp_path, method, flags, floor):
     episodic = method not in ("baseline", "baseline_pp")
     assert (saved["train_episodes"] == 50) == episodic and (saved["queries"] == 16) == episodic
     assert reloaded.train_episodes == saved["train_episodes"] and reloaded.method == method
+
+
+def test_train_ways_sizes_training_episodes_only(tmp_path):
+    """--train-ways sets the classes of the training episodes; validation and test keep --ways."""
+    from fewshot.cli import episode_source
+
+    args = resolve(parse_args_with_config(build_parser(), [
+        *GLYPHS, "--method", "protonet", "--train-ways", "12", "--out", str(tmp_path / "run")]))
+    train = episode_source(args, "train", 3, 0, train=True)
+    val = episode_source(args, "val", 3, 1, train=False)
+    assert (train.ways, val.ways) == (12, 5)
+    episode = train[0]
+    assert episode.support_labels.unique().numel() == 12 and len(episode.query_labels) == 12 * 16
+    assert resolve(parse_args_with_config(build_parser(), [*GLYPHS, "--method", "protonet"])).train_ways == 5
+    record = main(["--method", "protonet", *CONV4, *EPISODIC, "--train-episodes", "4", "--train-ways", "12",
+                   "--test-episodes", "4", "--out", str(tmp_path / "run")])
+    assert record["train_ways"] == 12 and record["ways"] == 5 and record["episodes"] == 4
 
 
 BASELINE_TINY = [*GLYPHS, "--method", "baseline", "--backbone", "conv4", "--width", "8", "--test-episodes", "4",
