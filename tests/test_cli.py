@@ -95,8 +95,8 @@ def fails(capsys, argv: list[str], out: Path, method: str | None = None, one_lin
         (["--method", "protonet", "--train-ways", "1"], None, ["--train-ways must be >= 2, got 1"]),
         (["--method", "baseline", "--train-ways", "20"], None,
          ["--train-ways does not apply to --method baseline"]),
-        (["--method", "protonet", "--train-ways", "300"], None,
-         ["glyphs/train has", "fewer than ways=300"]),
+        (["--method", "protonet", "--train-ways", "400"], None,
+         ["glyphs/train has 377 classes, fewer than ways=400"]),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(capsys, tmp_path, flags, method, expected):

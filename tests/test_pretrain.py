@@ -288,7 +288,7 @@ def test_resume_is_exact(tmp_path, stop):
     assert result["step"] == 12 and result["epoch"] == 2  # 24 images / 4 = 6 steps per epoch
     _, first = run_fit(tmp_path / "b", stop=stop)
     assert first["stopped_early"] and first["step"] == stop
-    resumed, second = run_fit(tmp_path / "c", resume=tmp_path / "b" / "checkpoint.pt")
+    resumed, second = run_fit(tmp_path / "c", resume=tmp_path / "b" / "last.pt")
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     for key in ("train_loss", "train_top1", "val_loss", "top1", "top5", "step", "epoch"):
@@ -304,9 +304,9 @@ def test_train_seconds_stops_after_the_batch_that_passes_it_and_resumes_exactly(
     _, timed = run_fit(tmp_path / "b", seconds=1e-6)  # the first batch already passes it
     assert (timed["step"], timed["epoch"], timed["steps_per_epoch"]) == (1, 0, 6)
     assert timed["stopped_by"] == "train_seconds" and timed["stopped_early"]
-    saved = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["progress"]
+    saved = load_checkpoint(tmp_path / "b" / "last.pt")["progress"]
     assert saved["step"] == 1 and saved["clock"] >= 1e-6
-    resumed, second = run_fit(tmp_path / "c", resume=tmp_path / "b" / "checkpoint.pt")  # no budget: to the end
+    resumed, second = run_fit(tmp_path / "c", resume=tmp_path / "b" / "last.pt")  # no budget: to the end
     assert second["stopped_by"] == "epochs" and second["step"] == 12
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -354,20 +354,20 @@ def test_amp_bf16_trains(tmp_path):
 
 
 def cli(argv):
-    import run_pretrain
+    from fewshot.cli.pretrain import main
 
-    return run_pretrain.main([str(a) for a in argv])
+    return main([str(a) for a in argv])
 
 
 def base_args(cifar_root, out, *extra):
-    return ["--dataset", "cifar10", "--data-root", cifar_root, "--backbone", "conv4", "--backbone-arg", "width=4",
+    return ["--dataset", "cifar10", "--data-root", cifar_root, "--backbone", "conv4", "--width", "4",
             "--acdc", "net", "--atoms", "4", "--epochs", "2", "--batch-size", "10", "--lr", "0.05",
             "--milestones", "1", "--device", "cpu", "--workers", "0", "--no-progress", "--out", out, *extra]
 
 
 def test_cli_writes_results_config_log_and_a_loadable_checkpoint(cifar_root, tmp_path):
     results = cli(base_args(cifar_root, tmp_path / "run"))
-    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved == json.loads(json.dumps(results))
     for key in ("dataset", "backbone", "acdc", "atoms", "parameters", "top1", "top5", "val_loss", "train_loss",
                 "epoch", "step", "seconds", "images_per_second", "world_size", "checkpoint"):
@@ -375,9 +375,9 @@ def test_cli_writes_results_config_log_and_a_loadable_checkpoint(cifar_root, tmp
     assert (saved["dataset"], saved["acdc"], saved["atoms"], saved["step"], saved["world_size"]) == ("cifar10", "net", 4, 8, 1)
     assert saved["backbone_kwargs"] == {"image_size": 32, "in_channels": 3, "width": 4}
     config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert config["atoms"] == 4 and config["milestones"] == [1] and config["backbone_args"] == ["width=4"]
+    assert config["atoms"] == 4 and config["milestones"] == [1] and config["width"] == 4
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
-    model, ckpt = model_from_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    model, ckpt = model_from_checkpoint(tmp_path / "run" / "last.pt")
     assert sum(p.numel() for p in model.parameters()) == saved["parameters"]
     data = load_classification_data("cifar10", cifar_root)
     from torch.utils.data import DataLoader
@@ -396,9 +396,9 @@ def test_cli_writes_results_config_log_and_a_loadable_checkpoint(cifar_root, tmp
 def test_cli_resume_is_exact(cifar_root, tmp_path):
     cli(base_args(cifar_root, tmp_path / "a"))
     cli(base_args(cifar_root, tmp_path / "b", "--stop-at-step", "3"))
-    cli(["--config", tmp_path / "b" / "config.yaml", "--stop-at-step", "0", "--resume", tmp_path / "b" / "checkpoint.pt"])
-    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
-    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    cli(["--config", tmp_path / "b" / "config.yaml", "--stop-at-step", "0", "--resume"])
+    a = load_checkpoint(tmp_path / "a" / "last.pt")
+    b = load_checkpoint(tmp_path / "b" / "last.pt")
     assert a["progress"]["step"] == b["progress"]["step"] == 8
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
@@ -437,24 +437,24 @@ def test_cli_unknown_config_key(tmp_path, capsys):
 
 def test_cli_checkpoint_of_another_architecture(cifar_root, tmp_path, capsys):
     cli(base_args(cifar_root, tmp_path / "a", "--epochs", "1"))
-    args = base_args(cifar_root, tmp_path / "b", "--init-from", tmp_path / "a" / "checkpoint.pt")
+    args = base_args(cifar_root, tmp_path / "b", "--init-from", tmp_path / "a" / "last.pt")
     args[args.index("--acdc") + 1] = "layer"
     msg = error_of(args, capsys)
     assert msg == (
-        f"error: checkpoint '{tmp_path / 'a' / 'checkpoint.pt'}' was saved for backbone=conv4, acdc=net, atoms=4, "
+        f"error: checkpoint '{tmp_path / 'a' / 'last.pt'}' was saved for backbone=conv4, acdc=net, atoms=4, "
         "num_classes=10, image_size=32, in_channels=3, width=4; you asked for backbone=conv4, acdc=layer, atoms=4, "
         "num_classes=10, image_size=32, in_channels=3, width=4 (differs in: acdc)"
     )
-    args = base_args(cifar_root, tmp_path / "c", "--resume", tmp_path / "a" / "checkpoint.pt", "--atoms", "6")
+    args = base_args(cifar_root, tmp_path / "a", "--resume", "--atoms", "6")
     assert "(differs in: atoms)" in error_of(args, capsys)
 
 
 def test_cli_init_from_loads_the_weights(cifar_root, tmp_path):
     cli(base_args(cifar_root, tmp_path / "a", "--epochs", "1"))
-    cli(base_args(cifar_root, tmp_path / "b", "--epochs", "1", "--init-from", tmp_path / "a" / "checkpoint.pt",
+    cli(base_args(cifar_root, tmp_path / "b", "--epochs", "1", "--init-from", tmp_path / "a" / "last.pt",
                   "--lr", "1e-12", "--atom-drop", "0", "--momentum", "0", "--weight-decay", "0"))
-    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
-    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    a = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
     for key, value in a.items():  # a vanishing lr: weights stay (BatchNorm statistics move)
         if "running" not in key and "num_batches" not in key:
             torch.testing.assert_close(b[key], value, rtol=0, atol=1e-8)
@@ -464,12 +464,12 @@ def test_cli_capacity_growth_inherits_the_trained_model(cifar_root, tmp_path):
     from fewshot.acdc import acdc_convs
 
     cli(base_args(cifar_root, tmp_path / "a", "--epochs", "1"))
-    grow = ["--init-from", tmp_path / "a" / "checkpoint.pt", "--expand-scope", "block", "--expand-atoms", "6",
+    grow = ["--init-from", tmp_path / "a" / "last.pt", "--expand-scope", "block", "--expand-atoms", "6",
             "--lr", "1e-12", "--momentum", "0", "--weight-decay", "0", "--atom-drop", "0", "--epochs", "1"]
     results = cli(base_args(cifar_root, tmp_path / "b", *grow))
     assert (results["acdc"], results["atoms"], results["expanded_from"]) == ("block", 6, {"acdc": "net", "atoms": 4})
-    small, _ = model_from_checkpoint(tmp_path / "a" / "checkpoint.pt")
-    grown, ckpt = model_from_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    small, _ = model_from_checkpoint(tmp_path / "a" / "last.pt")
+    grown, ckpt = model_from_checkpoint(tmp_path / "b" / "last.pt")
     assert ckpt["meta"]["expanded_from"] == {"acdc": "net", "atoms": 4}
     assert {c.num_atoms for _, c in acdc_convs(grown)} == {6} and {c.scope for _, c in acdc_convs(grown)} == {"block"}
     assert results["parameters"] == sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in small.parameters())
@@ -480,9 +480,36 @@ def test_cli_capacity_growth_inherits_the_trained_model(cifar_root, tmp_path):
     small.eval(), grown.eval()
     torch.testing.assert_close(grown(x), small(x), rtol=1e-4, atol=1e-5)
     # The grown run resumes (rebuilt as net m4 -> expand -> load) and the architecture check knows it.
-    again = cli(["--config", tmp_path / "b" / "config.yaml", "--resume", tmp_path / "b" / "checkpoint.pt",
+    again = cli(["--config", tmp_path / "b" / "config.yaml", "--resume",
                  "--epochs", "2"])
     assert again["epoch"] == 2 and again["expanded_from"] == {"acdc": "net", "atoms": 4}
+
+
+def test_cli_refuses_to_overwrite_a_run_and_resume_needs_one(cifar_root, tmp_path, capsys):
+    cli(base_args(cifar_root, tmp_path / "a", "--epochs", "1"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    msg = error_of(base_args(cifar_root, tmp_path / "a"), capsys)
+    assert msg == f"error: --out {tmp_path / 'a'} already holds a run; pass --resume to continue it or choose another --out"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before  # nothing rewritten
+    msg = error_of(base_args(cifar_root, tmp_path / "new", "--resume"), capsys)
+    assert msg == f"error: --resume: {tmp_path / 'new' / 'last.pt'} does not exist; start without --resume"
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--backbone-arg", "width=8"], "error: --backbone-arg width=...: give it with --width"),
+    (["--backbone-arg", "depth=16"], "error: --backbone-arg depth: backbone 'conv4' takes image_size, width, in_channels"),
+    (["--stem", "small"], "error: --stem applies to the ResNet backbones, not --backbone conv4"),
+    (["--backbone", "resnet99"], "error: --backbone 'resnet99' is not a registered backbone; valid: conv4, resnet10,"),
+])
+def test_cli_backbone_options_one_way_each(cifar_root, tmp_path, capsys, flags, expected):
+    args = base_args(cifar_root, tmp_path / "run")
+    if flags[0] == "--backbone":
+        args[args.index("--backbone") + 1] = flags[1]
+    else:
+        args += flags
+    assert error_of(args, capsys).startswith(expected)
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_growth_flags_need_a_checkpoint(cifar_root, tmp_path, capsys):
@@ -517,7 +544,7 @@ def test_base_classes_of_a_fewshot_dataset(monkeypatch):
 
 
 def test_configs_hold_the_paper_recipes():
-    import run_pretrain
+    from fewshot.cli import pretrain as run_pretrain
     from fewshot.config import parse_args_with_config
 
     configs = sorted(Path(__file__).resolve().parents[1].glob("configs/pretrain_*.yaml"))

@@ -2,7 +2,6 @@
 checkpoints, exact resume, a tqdm bar and a JSONL log."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -26,10 +25,8 @@ from fewshot.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from fewshot.training.run_folder import BEST, LAST, LOG, JsonlLog
 
-LAST = "last.pt"
-BEST = "best.pt"
-LOG = "log.jsonl"
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -104,14 +101,6 @@ def _as_list(batch: list[Episode]) -> list[Episode]:
     return batch
 
 
-def _keep_log_until(path: Path, step: int) -> None:
-    """Drop log records written after ``step`` (they belong to a run that did not reach a checkpoint)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def train_episodic(
     learner: Learner,
     train_episodes: Sequence[Episode],
@@ -143,10 +132,9 @@ def train_episodic(
         start = state["progress"]["step"]
         best_acc, best_step = state["progress"]["best_val_acc"], state["progress"]["best_step"]
         seconds_before = float(state["progress"].get("train_seconds", 0.0))
-        _keep_log_until(out / LOG, start)
         restore_rng_state(state["rng"][0])
-    elif (out / LOG).exists():
-        (out / LOG).unlink()
+    log = JsonlLog(out / LOG)
+    log.start(start if resume else None)
 
     def checkpoint(path: Path, step: int, seconds: float) -> None:
         save_checkpoint(
@@ -165,38 +153,36 @@ def train_episodic(
     started = time.perf_counter()
     bar = tqdm(loader, initial=start, total=schedule.meta_steps, desc="meta-train", disable=not progress)
     step, stopped_by, seconds = start, "meta_steps", seconds_before
-    with open(out / LOG, "a") as log:
-        for step, batch in enumerate(bar, start=start + 1):
-            learner.train()
-            batch = [e.to(device) for e in batch]
-            lr = schedule.learning_rate(step - 1, seconds_before + time.perf_counter() - started)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss, logits = learner.backward_batch(batch)
-            optimizer.step()
-            seconds = seconds_before + time.perf_counter() - started
-            out_of_time = schedule.train_seconds is not None and seconds >= schedule.train_seconds
-            acc = sum(episode_accuracy(lg, e.query_labels) for lg, e in zip(logits, batch)) / len(batch)
-            record: dict[str, Any] = {"step": step, "loss": round(loss.item(), 6), "train_acc": round(acc, 3),
-                                      "seconds": round(seconds, 2)}
-            if schedule.lr_schedule != "constant":
-                record["lr"] = lr
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.1f}")
-            if out_of_time or step == schedule.meta_steps or (schedule.val_every and step % schedule.val_every == 0):
-                learner.eval()
-                val = evaluate(learner, val_episodes, device=device, progress=False, batch=schedule.eval_batch)
-                record.update(val_acc=round(val.mean, 4), val_ci95=round(val.ci95, 4))
-                if val.mean > best_acc:
-                    best_acc, best_step = val.mean, step
-                    checkpoint(out / BEST, step, seconds)
-                checkpoint(out / LAST, step, seconds)
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.1f}", val=f"{val.mean:.1f}")
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if out_of_time and step < schedule.meta_steps:
-                stopped_by = "train_seconds"
-                break
+    for step, batch in enumerate(bar, start=start + 1):
+        learner.train()
+        batch = [e.to(device) for e in batch]
+        lr = schedule.learning_rate(step - 1, seconds_before + time.perf_counter() - started)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss, logits = learner.backward_batch(batch)
+        optimizer.step()
+        seconds = seconds_before + time.perf_counter() - started
+        out_of_time = schedule.train_seconds is not None and seconds >= schedule.train_seconds
+        acc = sum(episode_accuracy(lg, e.query_labels) for lg, e in zip(logits, batch)) / len(batch)
+        record: dict[str, Any] = {"step": step, "loss": round(loss.item(), 6), "train_acc": round(acc, 3),
+                                  "seconds": round(seconds, 2)}
+        if schedule.lr_schedule != "constant":
+            record["lr"] = lr
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.1f}")
+        if out_of_time or step == schedule.meta_steps or (schedule.val_every and step % schedule.val_every == 0):
+            learner.eval()
+            val = evaluate(learner, val_episodes, device=device, progress=False, batch=schedule.eval_batch)
+            record.update(val_acc=round(val.mean, 4), val_ci95=round(val.ci95, 4))
+            if val.mean > best_acc:
+                best_acc, best_step = val.mean, step
+                checkpoint(out / BEST, step, seconds)
+            checkpoint(out / LAST, step, seconds)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.1f}", val=f"{val.mean:.1f}")
+        log.write(record)
+        if out_of_time and step < schedule.meta_steps:
+            stopped_by = "train_seconds"
+            break
     bar.close()
     return {
         "meta_steps": step,

@@ -15,7 +15,6 @@ head (Baseline++) goes through the same loop as a CIFAR ResNet.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from contextlib import nullcontext
@@ -41,6 +40,7 @@ from fewshot.training.checkpoint import (
     unwrap_model,
 )
 from fewshot.training.distributed import DistInfo, all_gather_objects, all_reduce_sum, broadcast_buffers, wrap_ddp
+from fewshot.training.run_folder import LAST, LOG, JsonlLog
 
 __all__ = [
     "OptimConfig", "LoopConfig", "Precision", "build_optimizer", "build_scheduler", "train_step", "evaluate",
@@ -50,7 +50,6 @@ __all__ = [
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("multistep", "step", "cosine", "constant")
 AMP_MODES = ("off", "bf16", "fp16")
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclass
@@ -291,16 +290,6 @@ class _Progress:
     clock: float = 0.0       # wall time of the loop so far (training + evaluation + checkpoints): the budget's clock
 
 
-class _JsonlLog:
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
 def fit(
     model: nn.Module,
     data: ClassificationData,
@@ -317,8 +306,9 @@ def fit(
 
     - ``info``: from ``setup_distributed``; with several processes the model is wrapped in DDP, each rank
       trains on its shard (``loop.batch_size`` images per rank and step) and only rank 0 writes.
-    - ``run_dir``: where rank 0 writes ``checkpoint.pt`` (after every epoch, every ``save_every_steps``
-      steps, and at ``stop_at_step``) and appends to ``log.jsonl``; None writes nothing.
+    - ``run_dir``: where rank 0 writes ``last.pt`` (after every epoch, every ``save_every_steps``
+      steps, and at ``stop_at_step``) and ``log.jsonl`` (a fresh run starts it anew; a resumed run keeps
+      the records up to its checkpoint); None writes nothing.
     - ``meta``: the model's ``ModelSpec``, stored in checkpoints.
     - ``resume``: a checkpoint written by ``fit`` to continue exactly where it stopped: model, optimizer,
       scheduler, grad scaler, epoch and step, every rank's RNG state (checked against ``meta``).
@@ -340,7 +330,7 @@ def fit(
     run_path = Path(run_dir) if run_dir is not None and info.is_main else None
     if run_path is not None:
         run_path.mkdir(parents=True, exist_ok=True)
-    log = _JsonlLog(None if run_path is None else run_path / "log.jsonl")
+    log = JsonlLog(None if run_path is None else run_path / LOG)
 
     raw = unwrap_model(model).to(device)
     if loop.channels_last:
@@ -354,6 +344,7 @@ def fit(
         _restore(resume, load_checkpoint(resume, "cpu"), raw, optimizer, scheduler, precision, progress, info, meta)
     else:
         set_seed(loop.seed + info.rank)
+    log.start(progress.step if resume is not None else None)
 
     if loop.compile:
         raw.compile()  # in place: state-dict keys keep their names
@@ -389,7 +380,7 @@ def fit(
         rng = all_gather_objects(capture_rng_state(), info)  # every rank takes part
         if run_path is None:
             return None
-        path = run_path / CHECKPOINT_NAME
+        path = run_path / LAST
         save_checkpoint(
             path, model=raw, meta=meta, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             scaler=precision.scaler.state_dict(), progress=asdict(progress), rng=rng,

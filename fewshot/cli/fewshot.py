@@ -7,14 +7,13 @@ and write ``result.json`` next to the saved config and checkpoints.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from fewshot.acdc import SCOPES
+from fewshot.cli.common import OneLineParser, add_backbone_options, add_run_options, check_out_folder
 from fewshot.config import cli_main, parse_args_with_config, save_config
 from fewshot.evaluation import evaluate, result_record
 from fewshot.learners.maml import ATOM_DROP_MODES
@@ -22,9 +21,9 @@ from fewshot.training.episodic import LR_SCHEDULES
 from fewshot.io import write_json
 from fewshot.training.budget import check_train_seconds
 from fewshot.training.distributed import resolve_device
+from fewshot.training.run_folder import BEST, CONFIG, LAST, RESULT
 
 FEWSHOT_BACKBONES = ("conv4", "resnet10", "resnet18", "resnet34")
-ACDC_CHOICES = ("none", *SCOPES)
 DATASETS = ("miniimagenet", "glyphs")
 # Options that only some methods take: a user giving one to another method gets an error.
 # Each maps the CLI option to the learner's keyword (None: a training option, not the learner's).
@@ -56,18 +55,10 @@ EPISODIC_TRAINING_DEFAULTS: dict[str, Any] = {
 }
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Bad flags are reported in one ``error: ...`` line with exit code 2, like every other error."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``method`` fixed (``run_maml.py``) there is no ``--method`` flag."""
     prog = "run_maml.py" if method == "maml" else "run_fewshot.py"
-    p = _OneLineParser(prog=prog, description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
     if method is None:
         from fewshot.learners import list_learners
 
@@ -79,16 +70,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--data-root", default=None, help="miniImageNet folder (see data/miniimagenet/README.md)")
     data.add_argument("--image-size", type=int, default=None, help="default: 84 miniimagenet, 28 glyphs")
     data.add_argument("--workers", type=int, default=0, help="DataLoader workers producing episodes")
-    model = p.add_argument_group("backbone")
-    model.add_argument("--backbone", choices=FEWSHOT_BACKBONES, default="resnet10")
-    model.add_argument("--stem", choices=("imagenet", "small"), default=None,
-                       help="ResNet stem: imagenet (7x7/2 + max-pool, Chen et al.) or small (3x3/1)")
-    model.add_argument("--width", type=int, default=None,
-                       help="channels of the first stage (ResNets: 64 = Chen et al.; conv4: 64)")
-    model.add_argument("--acdc", choices=ACDC_CHOICES, default="none")
-    model.add_argument("--atoms", type=int, default=8)
-    model.add_argument("--group-size", type=int, default=None)
-    model.add_argument("--atom-drop", type=float, default=0.1)
+    add_backbone_options(p, FEWSHOT_BACKBONES, default="resnet10")
     episodes = p.add_argument_group("episodes")
     episodes.add_argument("--ways", type=int, default=5)
     episodes.add_argument("--shots", type=int, default=1)
@@ -115,7 +97,6 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("--val-every", type=int, default=None,
                        help="episodic training: meta-steps between validations (500; 0: none)")
     train.add_argument("--val-episodes", type=int, default=None, help="episodic training: validation episodes (100)")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     maml = p.add_argument_group("MAML")
     maml.add_argument("--inner-steps", type=int, default=None, help="inner SGD steps in training (5)")
     maml.add_argument("--inner-lr", type=float, default=None, help="inner step size in training (0.01)")
@@ -154,11 +135,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
                     help="test episodes predicted together (MAML: one vmap); results do not depend on it")
     ev.add_argument("--eval-only", action="store_true")
     ev.add_argument("--checkpoint", default=None, help="with --eval-only: the checkpoint to evaluate")
-    run = p.add_argument_group("run")
-    run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--out", default=None, help="output folder (default: runs/<settings>)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_options(p, default_out="runs/<dataset>_<method>_<backbone>_<acdc>_<ways>w<shots>s")
     return p
 
 
@@ -323,7 +300,7 @@ def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path)
     optim = OptimConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, schedule="constant")
     loop = LoopConfig(epochs=args.pretrain_epochs, batch_size=args.pretrain_batch, workers=args.workers,
                       seed=args.seed, train_seconds=args.train_seconds, progress=not args.no_progress)
-    resume = out / "pretrain" / "checkpoint.pt" if args.resume else None
+    resume = out / "pretrain" / LAST if args.resume else None
     metrics = fit(model, data, optim, loop, info=DistInfo(device=torch.device(args.device)),
                   run_dir=out / "pretrain", meta=spec, resume=resume)
     return {
@@ -337,7 +314,7 @@ def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path)
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (unless --eval-only) and evaluate; returns the JSON result that is also written."""
     from fewshot.training.checkpoint import check_model_spec, load_checkpoint, load_model_state, save_checkpoint
-    from fewshot.training.episodic import BEST, LAST, EpisodicSchedule, train_episodic
+    from fewshot.training.episodic import EpisodicSchedule, train_episodic
 
     args = resolve(args)
     started = time.perf_counter()
@@ -347,15 +324,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     learner, spec = build_learner(args, test_episodes.dataset.channels)
     episodic = learner.training_mode == "episodic"
-    resume_point = out / LAST if episodic else out / "pretrain" / "checkpoint.pt"
+    resume_point = out / LAST if episodic else out / "pretrain" / LAST
     if args.eval_only:
         state = load_checkpoint(args.checkpoint, map_location=args.device)
         check_model_spec(state.get("meta"), spec, args.checkpoint)
         load_model_state(learner, state["model"], source=args.checkpoint)
-    elif args.resume and not resume_point.is_file():
-        raise FileNotFoundError(f"--resume: {resume_point} does not exist; start without --resume")
-    elif not args.resume and (resume_point.exists() or (out / BEST).exists()):
-        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    else:
+        check_out_folder(out, args.resume, resume_point, out / BEST)
     if not args.eval_only and episodic:
         train_episodes = episode_source(args, "train", args.train_episodes, args.seed, train=True)
         val_episodes = episode_source(args, "val", args.val_episodes, args.test_seed + 1, train=False)
@@ -366,7 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     out.mkdir(parents=True, exist_ok=True)
-    save_config(args, out / ("eval_config.yaml" if args.eval_only else "config.yaml"))
+    save_config(args, out / ("eval_config.yaml" if args.eval_only else CONFIG))
     summary: dict[str, Any] = {}
     if not args.eval_only and episodic:
         summary = train_episodic(
@@ -389,10 +364,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds=round(time.perf_counter() - started, 1), device=args.device, seed=args.seed,
         test_seed=args.test_seed, checkpoint=args.checkpoint, **summary,
     )
-    write_json(out / "result.json", record)
+    write_json(out / RESULT, record)
     print(f"{args.method} {args.backbone} acdc={args.acdc} {args.dataset} {args.ways}-way {args.shots}-shot: "
           f"{result.mean:.2f}% ± {result.ci95:.2f}% over {result.episodes} test episodes "
-          f"({record['seconds']:.0f} s; {out / 'result.json'})")
+          f"({record['seconds']:.0f} s; {out / RESULT})")
     return record
 
 

@@ -1,0 +1,268 @@
+"""Supervised (pre)training of any registry backbone, dense or ACDC, on a whole classification dataset:
+``run_pretrain.py`` and the console script ``fewshot-pretrain``.
+
+Examples::
+
+    python run_pretrain.py --config configs/pretrain_cifar10.yaml --data-root ~/data --acdc net --atoms 8
+    torchrun --nproc_per_node 4 run_pretrain.py --config configs/pretrain_imagenet.yaml --data-root /imagenet
+    python run_pretrain.py --config runs/x/config.yaml --resume          # continue runs/x exactly
+    python run_pretrain.py --config configs/pretrain_cifar10.yaml --data-root ~/data --backbone wrn28_10 \\
+        --acdc net --atoms 8 --init-from runs/wrn_net8/last.pt --expand-scope block --expand-atoms 12
+
+Writes the run folder ``--out`` (``fewshot.training.run_folder``): ``config.yaml`` (the resolved options),
+``last.pt`` (after every epoch; resumable, loadable in one process), ``log.jsonl`` (one line per epoch) and
+``result.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from fewshot.acdc import SCOPES
+from fewshot.cli.common import OneLineParser, add_backbone_options, add_run_options, check_out_folder
+from fewshot.config import cli_main, parse_args_with_config, save_config, to_yaml_value
+from fewshot.io import write_json
+from fewshot.training.checkpoint import ModelSpec, check_model_spec, load_checkpoint, load_model_state
+from fewshot.training.run_folder import CONFIG, LAST, RESULT
+
+# Backbone options with a flag of their own: --backbone-arg refuses them (one way to give each).
+OWN_FLAGS = {"width": "--width", "stem": "--stem", "in_channels": "the dataset", "image_size": "--image-size"}
+
+
+def parse_backbone_args(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["depth=16", "widen_factor=4"]`` -> ``{"depth": 16, "widen_factor": 4}`` (values read as YAML scalars)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for text in items or []:
+        key, sep, value = str(text).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--backbone-arg expects KEY=VALUE (e.g. depth=16), got {text!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--backbone-arg {text!r}: cannot read the value {value!r}") from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="run_pretrain.py", description=__doc__.splitlines()[0])
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", required=True,
+                   help="cifar10, cifar100, imagenet, imagefolder, tinyimagenet, or a few-shot dataset "
+                        "(miniimagenet, glyphs: its base classes)")
+    d.add_argument("--data-root", default=None, help="dataset folder (CIFAR: holding cifar-10-batches-py/)")
+    d.add_argument("--image-size", type=int, default=None, help="default: the dataset's (32, 224, 64, 84, 28)")
+    d.add_argument("--holdout", type=float, default=None,
+                   help="few-shot datasets: fraction of each base class held out for validation (0.05)")
+    d.add_argument("--augment", choices=("standard", "none"), default="standard")
+    d.add_argument("--workers", type=int, default=4 if (os.cpu_count() or 1) > 4 else 0,
+                   help="DataLoader worker processes per training process")
+    m = add_backbone_options(p, None, default=None)
+    m.add_argument("--backbone-arg", dest="backbone_args", action="append", default=None, metavar="KEY=VALUE",
+                   help="another option of the backbone, e.g. depth=16 or widen_factor=4 for wrn (repeatable)")
+    m.add_argument("--decompose-stem", action="store_true", help="also decompose the ImageNet 7x7 stem")
+    o = p.add_argument_group("optimization (App. A: SGD 0.1, momentum 0.9)")
+    o.add_argument("--epochs", type=int, default=350)
+    o.add_argument("--batch-size", type=int, default=128, help="images per step and process")
+    o.add_argument("--eval-batch-size", type=int, default=None)
+    o.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
+    o.add_argument("--lr", type=float, default=0.1)
+    o.add_argument("--momentum", type=float, default=0.9)
+    o.add_argument("--weight-decay", type=float, default=1e-4)
+    o.add_argument("--nesterov", action="store_true")
+    o.add_argument("--schedule", choices=("multistep", "step", "cosine", "constant"), default="multistep")
+    o.add_argument("--milestones", type=int, nargs="+", default=None,
+                   help="multistep: epochs of lr x gamma (default 150 250)")
+    o.add_argument("--gamma", type=float, default=0.1)
+    o.add_argument("--step-size", type=int, default=30, help="step: epochs between lr x gamma")
+    o.add_argument("--label-smoothing", type=float, default=0.0)
+    r = add_run_options(p, default_out="runs/pretrain/<dataset>_<backbone>_<acdc>")
+    r.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision")
+    r.add_argument("--channels-last", action="store_true")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--sync-batchnorm", action="store_true", help="SyncBatchNorm under torchrun")
+    r.add_argument("--eval-every", type=int, default=1, help="epochs between validations (and the last)")
+    r.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0: per epoch)")
+    r.add_argument("--stop-at-step", type=int, default=0,
+                   help="checkpoint and stop once this many steps are done, 0: never (continue with --resume)")
+    g = p.add_argument_group("capacity growth (App. E)")
+    g.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from these weights (fresh optimizer and schedule)")
+    g.add_argument("--expand-scope", choices=SCOPES, default=None,
+                   help="after --init-from: relax coefficient sharing to this scope")
+    g.add_argument("--expand-atoms", type=int, default=None, help="after --init-from: grow to this many atoms")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse combinations that would be ignored or cannot work, naming the flags."""
+    for name in ("epochs", "batch_size", "atoms"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    grouped = args.acdc.startswith("g-") or (args.expand_scope or "").startswith("g-")
+    if args.group_size is not None and not grouped:
+        raise ValueError(f"--group-size applies only to the grouped scopes g-net, g-block, g-layer, not --acdc {args.acdc}")
+    if args.acdc == "none" and args.decompose_stem:
+        raise ValueError("--decompose-stem needs an ACDC scope (--acdc ...)")
+    if args.init_from is not None and not Path(args.init_from).is_file():
+        raise FileNotFoundError(f"--init-from {args.init_from!r}: no such checkpoint file")
+    if args.stem is not None and not args.backbone.startswith("resnet"):
+        raise ValueError(f"--stem applies to the ResNet backbones, not --backbone {args.backbone}")
+    if (args.expand_scope or args.expand_atoms) and not (args.init_from or args.resume):
+        raise ValueError("--expand-scope/--expand-atoms grow a trained model: give --init-from CHECKPOINT")
+    if (args.expand_scope or args.expand_atoms) and args.acdc == "none":
+        raise ValueError("--expand-scope/--expand-atoms need the ACDC model being grown: give its --acdc and --atoms")
+    if args.milestones is not None and args.schedule != "multistep":
+        raise ValueError(f"--milestones apply to --schedule multistep, not {args.schedule}")
+    if args.schedule == "multistep" and args.milestones is None:
+        args.milestones = [150, 250]
+    for name in ("save_every_steps", "stop_at_step"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
+def backbone_kwargs(args: argparse.Namespace, channels: int, image_size: int) -> dict[str, Any]:
+    """Backbone options: ``--width``, ``--stem`` and ``--backbone-arg``s, plus ``in_channels``/``image_size`` from
+    the data if the backbone takes them."""
+    from fewshot.backbones import backbone_options, list_backbones
+
+    if args.backbone not in list_backbones():
+        raise ValueError(f"--backbone {args.backbone!r} is not a registered backbone; valid: {', '.join(list_backbones())}")
+    options = backbone_options(args.backbone)
+    kwargs = parse_backbone_args(args.backbone_args)
+    for key in sorted(set(kwargs) & set(OWN_FLAGS)):
+        raise ValueError(f"--backbone-arg {key}=...: give it with {OWN_FLAGS[key]}")
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise ValueError(f"--backbone-arg {', '.join(unknown)}: backbone {args.backbone!r} takes {', '.join(options) or 'no options'}")
+    for flag in ("width", "stem"):
+        if getattr(args, flag) is not None:
+            if flag not in options:
+                raise ValueError(f"--{flag} does not apply to backbone {args.backbone!r} (its options: "
+                                 f"{', '.join(options) or 'none'})")
+            kwargs[flag] = getattr(args, flag)
+    if "in_channels" in options:
+        kwargs.setdefault("in_channels", channels)
+    if "image_size" in options:
+        kwargs.setdefault("image_size", image_size)
+    return kwargs
+
+
+def model_specs(args: argparse.Namespace, num_classes: int, kwargs: dict[str, Any]) -> tuple[ModelSpec, ModelSpec]:
+    """(spec the model is built with, spec it trains as): they differ after capacity growth."""
+    acdc = None if args.acdc == "none" else args.acdc
+    built = ModelSpec(args.backbone, acdc, args.atoms, args.group_size, num_classes, kwargs,
+                      decompose_stem=args.decompose_stem).normalized()
+    if not (args.expand_scope or args.expand_atoms):
+        return built, built
+    grown = ModelSpec(args.backbone, args.expand_scope or acdc, args.expand_atoms or args.atoms, args.group_size,
+                      num_classes, kwargs, expanded_from={"acdc": acdc, "atoms": args.atoms},
+                      decompose_stem=args.decompose_stem).normalized()
+    return built, grown
+
+
+def init_from(model: torch.nn.Module, path: str, spec: ModelSpec) -> list[str]:
+    """Load ``--init-from`` weights into ``model`` after checking the architecture; returns notes.
+
+    A checkpoint trained for another number of classes gives its features only (``fc`` stays new).
+    """
+    ckpt = load_checkpoint(path)
+    check_model_spec(ckpt.get("meta"), spec, path, ignore=("num_classes",))
+    state = ckpt["model"]
+    saved_classes = (ckpt.get("meta") or {}).get("num_classes")
+    if saved_classes != spec.num_classes:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing = [k for k in model.state_dict() if k not in state]
+        if any(not k.startswith("fc.") for k in missing):
+            raise ValueError(f"checkpoint {path!r} lacks weights besides the classifier: {missing[:5]}")
+        model.load_state_dict(state, strict=False)
+        return [f"--init-from {path}: {saved_classes} classes there, {spec.num_classes} here: classifier (fc) starts new"]
+    load_model_state(model, state, source=f"checkpoint {path!r}")
+    return []
+
+
+def default_out(args: argparse.Namespace) -> str:
+    acdc = "none" if args.acdc == "none" else f"acdc-{args.acdc}-m{args.atoms}"
+    if args.expand_scope or args.expand_atoms:
+        acdc += f"_to-{args.expand_scope or args.acdc}-m{args.expand_atoms or args.atoms}"
+    return str(Path("runs") / "pretrain" / f"{args.dataset}_{args.backbone}_{acdc}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything after parsing; returns the results dict (also written by rank 0)."""
+    from fewshot.data.classification import load_classification_data
+    from fewshot.training.distributed import cleanup_distributed, setup_distributed
+    from fewshot.training.supervised import (LoopConfig, OptimConfig, build_model, count_parameters,
+                                             expand_model, fit)
+
+    check_args(args)
+    started = time.perf_counter()
+    info = setup_distributed(args.device)
+    try:
+        data = load_classification_data(args.dataset, args.data_root, image_size=args.image_size,
+                                        augment=args.augment == "standard", holdout=args.holdout)
+        kwargs = backbone_kwargs(args, data.channels, data.image_size)
+        built, spec = model_specs(args, data.num_classes, kwargs)
+        torch.manual_seed(args.seed)
+        model = build_model(built, atom_drop=args.atom_drop)
+        out = Path(args.out or default_out(args))
+        args.out = str(out)
+        check_out_folder(out, args.resume, out / LAST, out / RESULT)
+        resume = out / LAST if args.resume else None
+        if args.init_from and args.resume:
+            notes = [f"--init-from {args.init_from} is not loaded: --resume ({resume}) restores every weight"]
+        else:
+            notes = init_from(model, args.init_from, built) if args.init_from else []
+        if spec is not built:
+            model = expand_model(model, spec.acdc, spec.atoms)
+        config = {k: to_yaml_value(v) for k, v in vars(args).items() if k != "config"}
+        if info.is_main:
+            save_config(args, out / CONFIG)
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
+        loop = LoopConfig(
+            epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+            workers=args.workers, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+            sync_batchnorm=args.sync_batchnorm, seed=args.seed, label_smoothing=args.label_smoothing,
+            eval_every=args.eval_every, save_every_steps=args.save_every_steps, stop_at_step=args.stop_at_step or None,
+            progress=not args.no_progress,
+        )
+        optim = OptimConfig(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                            weight_decay=args.weight_decay, nesterov=args.nesterov, schedule=args.schedule,
+                            milestones=tuple(args.milestones or ()), gamma=args.gamma, step_size=args.step_size)
+        final = fit(model, data, optim, loop, info=info, run_dir=out, meta=spec, resume=resume,
+                    extra={"config": config})
+        results = {
+            "dataset": data.name, "backbone": spec.backbone, "acdc": spec.acdc or "none", "atoms": spec.atoms,
+            "group_size": spec.group_size, "backbone_kwargs": spec.kwargs, "expanded_from": spec.expanded_from,
+            "num_classes": data.num_classes, "train_images": len(data.train),
+            "val_images": 0 if data.val is None else len(data.val), "image_size": data.image_size,
+            "parameters": count_parameters(model), "epochs": args.epochs, "batch_size": args.batch_size,
+            "world_size": info.world_size, "device": str(info.device), "amp": args.amp, "seed": args.seed,
+            **final, "wall_seconds": time.perf_counter() - started,
+        }
+        if info.is_main:
+            write_json(out / RESULT, results)
+        return results
+    finally:
+        cleanup_distributed()
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``run_pretrain.py``."""
+    return run(parse_args_with_config(build_parser(), argv))
+
+
+def pretrain_main() -> None:
+    """Console script ``fewshot-pretrain``: the same as ``python run_pretrain.py``."""
+    main()

@@ -1,0 +1,51 @@
+"""The files of a run folder: the same names for every kind of run (few-shot, pretraining).
+
+    config.yaml   the resolved options (reloads with ``--config``)
+    log.jsonl     one JSON record per line, each with the ``step`` it was written at
+    last.pt       the latest checkpoint: what ``--resume`` continues from
+    best.pt       the checkpoint of the best validation accuracy (episodic training and the Baselines)
+    result.json   the final record
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+CONFIG = "config.yaml"
+LOG = "log.jsonl"
+LAST = "last.pt"
+BEST = "best.pt"
+RESULT = "result.json"
+
+
+class JsonlLog:
+    """Append-only ``log.jsonl``: one JSON record per line, flushed as written. ``path=None`` writes nothing.
+
+    ``start(resume_step)`` begins a run's log: a fresh run (``None``) drops an old log; a resumed run keeps the
+    records up to the checkpoint's step and drops those written after it (they belong to a part of the run
+    that did not reach a checkpoint and will be trained again)."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = None if path is None else Path(path)
+
+    def start(self, resume_step: int | None = None) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        if resume_step is None:
+            self.path.unlink()
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line and json.loads(line).get("step", 0) <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record written so far (empty without a file)."""
+        if self.path is None or not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
