@@ -41,7 +41,8 @@ from fewshot.data.store import ClassIndexedDataset, check_split
 README = "data/miniimagenet/README.md"
 LAYOUTS = ("csv", "pickle", "json", "hdf5")
 JSON_FILES = {"train": "base.json", "val": "val.json", "test": "novel.json"}
-SPLIT_FILE = Path(__file__).resolve().parents[2] / "data" / "miniimagenet" / "split.json"
+# Package data (it ships in the wheel); data/miniimagenet/split.json in the source tree links to it.
+SPLIT_FILE = Path(__file__).resolve().parent / "splits" / "miniimagenet.json"
 
 
 def load_class_split(path: str | os.PathLike[str] | None = None) -> dict[str, list[str]]:
