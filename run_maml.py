@@ -3,6 +3,7 @@
 
 Example: python run_maml.py --backbone resnet18 --acdc net --ways 5 --shots 1
 """
+
 from fewshot.cli import main
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Cost of ACDC-net (or another ``--scope``) over the dense network: forward+backward of one batch, interleaved, median ratio.
+"""Cost of ACDC-net (or another ``--scope``) over the dense network: forward+backward of one batch,
+interleaved, median ratio.
 
 For each backbone (ResNet10, ResNet18 with Chen et al.'s ImageNet stem, 84×84) and each batch size
 (``--batch``: 80 = one 5-way 1-shot 15-query episode's images; 5 = a 5-way 1-shot support set, what
@@ -19,13 +20,15 @@ own ``A``, so no layer reads a slice of a shared tensor).
 
 Writes ``benchmarks/results/acdc_overhead.json`` (or ``--out``).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+
 from fewshot.config import cli_main  # noqa: E402
 
 BACKBONE_CHOICES = ("resnet10", "resnet18", "conv4")
@@ -46,8 +50,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=84)
     p.add_argument("--classes", type=int, default=5, help="size of the linear head")
     p.add_argument("--atoms", type=int, default=8)
-    p.add_argument("--scope", choices=("net", "block", "layer"), default="net",
-                   help="what the ACDC coefficients are shared over (default net)")
+    p.add_argument(
+        "--scope",
+        choices=("net", "block", "layer"),
+        default="net",
+        help="what the ACDC coefficients are shared over (default net)",
+    )
     p.add_argument("--atom-drop", type=float, default=0.1, help="ACDC atom-drop (training mode; default 0.1)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2, help="untimed passes of each network first")
@@ -89,8 +97,10 @@ def two_stage_layers(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:
 
     layers = [m for m in model.modules() if isinstance(m, ACDCConv2d)]
     chosen: list[bool] = []
-    hooks = [m.register_forward_pre_hook(lambda m, inputs: chosen.append(m.prefers_two_stage(inputs[0], m.padding)))
-             for m in layers]
+    hooks = [
+        m.register_forward_pre_hook(lambda m, inputs: chosen.append(m.prefers_two_stage(inputs[0], m.padding)))
+        for m in layers
+    ]
     try:
         with torch.no_grad():
             model(images)
@@ -112,8 +122,11 @@ def measure(backbone: str, batch: int, args: argparse.Namespace, device: torch.d
             step()
 
     def progress(r: int, seconds: dict[str, float]) -> None:
-        print(f"  {backbone} batch {batch} round {r + 1}/{args.rounds}: dense {1000 * seconds['dense']:.1f} ms  "
-              f"acdc {1000 * seconds['acdc']:.1f} ms", flush=True)
+        print(
+            f"  {backbone} batch {batch} round {r + 1}/{args.rounds}: dense {1000 * seconds['dense']:.1f} ms  "
+            f"acdc {1000 * seconds['acdc']:.1f} ms",
+            flush=True,
+        )
 
     times = common.interleaved_times(steps, args.rounds, sync, progress)
     ratios = [a / d for a, d in zip(times["acdc"], times["dense"])]
@@ -123,7 +136,8 @@ def measure(backbone: str, batch: int, args: argparse.Namespace, device: torch.d
     row = {
         "batch": batch,
         "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
-        "two_stage_layers": two_stage, "acdc_layers": layers,
+        "two_stage_layers": two_stage,
+        "acdc_layers": layers,
         "dense_ms": stats["dense"]["median_ms"],
         "acdc_ms": stats["acdc"]["median_ms"],
         "ratio": round(ratio, 4),
@@ -151,12 +165,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": common.command_line("acdc_overhead", argv),
         "machine": common.machine(device),
         "settings": {
-            "batches": args.batch, "image_size": args.image_size, "stem": "imagenet (ResNets)",
-            "classes": args.classes, "acdc": args.scope, "atoms": args.atoms, "atom_drop": args.atom_drop,
-            "rounds": args.rounds, "warmup": args.warmup,
+            "batches": args.batch,
+            "image_size": args.image_size,
+            "stem": "imagenet (ResNets)",
+            "classes": args.classes,
+            "acdc": args.scope,
+            "atoms": args.atoms,
+            "atom_drop": args.atom_drop,
+            "rounds": args.rounds,
+            "warmup": args.warmup,
         },
         "notes": "backbones.<name>.<batch>: ratio = median over rounds of (ACDC ms / dense ms) within the "
-                 "round; > 1: ACDC is slower.",
+        "round; > 1: ACDC is slower.",
         "backbones": {},
     }
     for backbone in args.backbones:
@@ -164,9 +184,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for batch in args.batch:
             row = measure(backbone, batch, args, device)
             result["backbones"][backbone][str(batch)] = row
-            print(f"{backbone} batch {batch}: dense {row['dense_ms']:.1f} ms, acdc-{args.scope} {row['acdc_ms']:.1f} ms, "
-                  f"ratio {row['ratio']:.3f} (IQR {row['ratio_iqr']:.3f}), two-stage layers "
-                  f"{row['two_stage_layers']}/{row['acdc_layers']}", flush=True)
+            print(
+                f"{backbone} batch {batch}: dense {row['dense_ms']:.1f} ms, acdc-{args.scope} {row['acdc_ms']:.1f} ms, "
+                f"ratio {row['ratio']:.3f} (IQR {row['ratio_iqr']:.3f}), two-stage layers "
+                f"{row['two_stage_layers']}/{row['acdc_layers']}",
+                flush=True,
+            )
     result["machine"]["load_average_1min_at_end"] = common.load_average()
     result["seconds"] = round(time.perf_counter() - start, 1)
     common.save_result(args.out, "acdc_overhead", result)

@@ -5,6 +5,7 @@ round by round in ONE process; round ``r`` runs each contender once, in an order
 slow spell of a shared machine hits every contender alike. Report medians and interquartile ranges;
 compare only figures of one interleaved run.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -144,10 +146,9 @@ def run_probe(script: Path, argv: Sequence[str], timeout: float | None = None) -
     )
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(PROBE_PREFIX):
-            return json.loads(line[len(PROBE_PREFIX):])
+            return json.loads(line[len(PROBE_PREFIX) :])
     raise RuntimeError(
-        f"memory probe {script.name} {' '.join(argv)} failed (exit {done.returncode}):\n"
-        f"{done.stderr[-2000:]}"
+        f"memory probe {script.name} {' '.join(argv)} failed (exit {done.returncode}):\n{done.stderr[-2000:]}"
     )
 
 
@@ -256,6 +257,7 @@ def run_fewshot_cli(script: str, settings: Mapping[str, Any], out: Path, threads
         argv = [sys.executable, str(root / script), "--config", str(config), "--out", str(out), "--no-progress"]
         done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"run failed ({done.returncode}): {' '.join(argv)} with {dict(settings)}\n"
-                           f"{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"run failed ({done.returncode}): {' '.join(argv)} with {dict(settings)}\n{done.stderr[-2000:]}"
+        )
     return json.loads((out / "result.json").read_text())

@@ -52,6 +52,7 @@ of the **validation** split (``--test-split val --test-seed 100``); the test spl
 ``benchmarks/results/compare_methods_tuning.json`` (candidates already there are skipped, like the cells),
 with the winner of each method under ``chosen``: copy those into ``METHOD_SETTINGS``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,9 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -79,9 +81,31 @@ VARIANTS = {"dense": "none", "acdc-net": "net"}  # column name -> --acdc
 LABELS = {"dense": "dense", "acdc-net": "ACDC-net"}
 MAML_CONFIG = ROOT / "configs/maml_glyphs_demo.yaml"
 # Keys of MAML's config that the comparison sets itself (the same for every method) or replaces.
-MAML_DROPPED = ("out", "train_seconds", "train_episodes", "test_episodes", "backbone", "width", "stem", "acdc",
-                "atoms", "group_size", "dataset", "image_size", "ways", "shots", "test_queries", "seed",
-                "test_seed", "test_split", "device", "method", "eval_only", "checkpoint", "resume")
+MAML_DROPPED = (
+    "out",
+    "train_seconds",
+    "train_episodes",
+    "test_episodes",
+    "backbone",
+    "width",
+    "stem",
+    "acdc",
+    "atoms",
+    "group_size",
+    "dataset",
+    "image_size",
+    "ways",
+    "shots",
+    "test_queries",
+    "seed",
+    "test_seed",
+    "test_split",
+    "device",
+    "method",
+    "eval_only",
+    "checkpoint",
+    "resume",
+)
 # Episodic runs are stopped by the budget; this many training episodes (and Baseline pretraining epochs,
 # METHOD_SETTINGS) are only the upper bound, never reached at the default budget.
 EPISODE_CAP = 1_000_000
@@ -101,13 +125,25 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 }
 # The candidates of --tune: name -> overrides of METHOD_SETTINGS (the first is METHOD_SETTINGS itself).
 TUNE_CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
-    "protonet": {"adam1e-3": {}, "adam3e-3": {"lr": 3e-3},
-                 "adam3e-3-cosine": {"lr": 3e-3, "lr_schedule": "cosine"},
-                 "adam1e-3-20way": {"train_ways": 20}, "adam3e-3-20way": {"lr": 3e-3, "train_ways": 20}},
-    "matchingnet": {"fce-adam1e-3": {}, "fce-adam3e-3": {"lr": 3e-3}, "nofce-adam1e-3": {"fce": False},
-                    "fce-adam1e-3-20way": {"train_ways": 20}},
-    "relationnet": {"mse-adam1e-3": {}, "softmax-adam1e-3": {"relation_loss": "softmax"},
-                    "mse-adam3e-3": {"lr": 3e-3}, "mse-adam1e-3-20way": {"train_ways": 20}},
+    "protonet": {
+        "adam1e-3": {},
+        "adam3e-3": {"lr": 3e-3},
+        "adam3e-3-cosine": {"lr": 3e-3, "lr_schedule": "cosine"},
+        "adam1e-3-20way": {"train_ways": 20},
+        "adam3e-3-20way": {"lr": 3e-3, "train_ways": 20},
+    },
+    "matchingnet": {
+        "fce-adam1e-3": {},
+        "fce-adam3e-3": {"lr": 3e-3},
+        "nofce-adam1e-3": {"fce": False},
+        "fce-adam1e-3-20way": {"train_ways": 20},
+    },
+    "relationnet": {
+        "mse-adam1e-3": {},
+        "softmax-adam1e-3": {"relation_loss": "softmax"},
+        "mse-adam3e-3": {"lr": 3e-3},
+        "mse-adam1e-3-20way": {"train_ways": 20},
+    },
     "baseline": {"b64-adam1e-3": {}, "b16-adam1e-3": {"pretrain_batch": 16}, "b64-adam3e-3": {"lr": 3e-3}},
     "baseline_pp": {"b64-adam1e-3": {}, "b16-adam1e-3": {"pretrain_batch": 16}, "b64-adam3e-3": {"lr": 3e-3}},
 }
@@ -116,8 +152,19 @@ TUNE_CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
 QUICK = {"train_seconds": 2.0, "test_episodes": 10, "width": 8, "tune_episodes": 10}
 QUICK_OVERRIDES = {"val_every": 0, "val_episodes": 5, "head_epochs": 5, "test_inner_steps": 2}
 # What the records of one JSON file must share (a cell measured otherwise is not comparable).
-SHARED = ("train_seconds", "test_episodes", "test_seed", "seed", "backbone", "width", "stem", "atoms", "ways",
-          "device", "threads")
+SHARED = (
+    "train_seconds",
+    "test_episodes",
+    "test_seed",
+    "seed",
+    "backbone",
+    "width",
+    "stem",
+    "atoms",
+    "ways",
+    "device",
+    "threads",
+)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -133,8 +180,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--shots", nargs="+", type=int, default=[1, 5])
-    p.add_argument("--train-seconds", type=float, default=None,
-                   help="wall-clock seconds of training per run, validation included (default 150; --quick 2)")
+    p.add_argument(
+        "--train-seconds",
+        type=float,
+        default=None,
+        help="wall-clock seconds of training per run, validation included (default 150; --quick 2)",
+    )
     p.add_argument("--test-episodes", type=int, default=None, help="seeded test episodes (default 600; --quick 10)")
     p.add_argument("--test-seed", type=int, default=0, help="seed of the test episodes, the same for every cell")
     p.add_argument("--seed", type=int, default=0, help="training seed")
@@ -147,18 +198,24 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each run (default 1)")
     p.add_argument("--runs", default=None, help="scratch folder of the runs (default runs/compare_methods[_quick])")
-    p.add_argument("--out", default=None, help="results JSON; .md and .png go next to it "
-                   "(default benchmarks/results/compare_methods.json; --quick: in --runs)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="results JSON; .md and .png go next to it "
+        "(default benchmarks/results/compare_methods.json; --quick: in --runs)",
+    )
     p.add_argument("--report", action="store_true", help="only write the table and plot of what the JSON holds")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (numbers are meaningless)")
     tune = p.add_argument_group("the validation-split search (--tune)")
     tune.add_argument("--tune", action="store_true", help="run the search instead of the comparison")
     tune.add_argument("--tune-shots", type=int, default=1)
     tune.add_argument("--tune-variants", nargs="+", choices=list(VARIANTS), default=["acdc-net"])
-    tune.add_argument("--tune-episodes", type=int, default=None,
-                      help="validation episodes per candidate (default 600; --quick 10)")
-    tune.add_argument("--tune-out", default=None,
-                      help="default benchmarks/results/compare_methods_tuning.json (--quick: in --runs)")
+    tune.add_argument(
+        "--tune-episodes", type=int, default=None, help="validation episodes per candidate (default 600; --quick 10)"
+    )
+    tune.add_argument(
+        "--tune-out", default=None, help="default benchmarks/results/compare_methods_tuning.json (--quick: in --runs)"
+    )
     args = p.parse_args(argv)
     defaults = {"train_seconds": 150.0, "test_episodes": 600, "width": 32, "tune_episodes": 600}
     for name, value in (QUICK if args.quick else defaults).items():
@@ -223,12 +280,27 @@ def method_settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
     return settings
 
 
-def cell_settings(args: argparse.Namespace, method: str, variant: str, shots: int,
-                  overrides: Mapping[str, Any] | None = None, split: str = "test") -> dict[str, Any]:
+def cell_settings(
+    args: argparse.Namespace,
+    method: str,
+    variant: str,
+    shots: int,
+    overrides: Mapping[str, Any] | None = None,
+    split: str = "test",
+) -> dict[str, Any]:
     """The complete ``run_fewshot.py`` settings of one run: the method's own, then what every run shares."""
     settings: dict[str, Any] = {"method": method, **method_settings(args, method), **dict(overrides or {})}
-    settings.update(COMMON, backbone=args.backbone, width=args.width, acdc=VARIANTS[variant], ways=args.ways,
-                    shots=shots, train_seconds=args.train_seconds, seed=args.seed, device=args.device)
+    settings.update(
+        COMMON,
+        backbone=args.backbone,
+        width=args.width,
+        acdc=VARIANTS[variant],
+        ways=args.ways,
+        shots=shots,
+        train_seconds=args.train_seconds,
+        seed=args.seed,
+        device=args.device,
+    )
     if args.stem is not None:
         settings["stem"] = args.stem
     if variant != "dense":
@@ -256,27 +328,45 @@ def run_cell(settings: Mapping[str, Any], run_dir: Path, threads: int) -> dict[s
     return run_fewshot_cli("run_fewshot.py", settings, run_dir, threads)
 
 
-def cell_record(result: Mapping[str, Any], method: str, variant: str, shots: int, settings: Mapping[str, Any],
-                wall: float, load: float | None) -> dict[str, Any]:
+def cell_record(
+    result: Mapping[str, Any],
+    method: str,
+    variant: str,
+    shots: int,
+    settings: Mapping[str, Any],
+    wall: float,
+    load: float | None,
+) -> dict[str, Any]:
     """The JSON record of one cell from the run's ``result.json``."""
     pretrained = method in PRETRAINED
     return {
-        "method": method, "variant": variant, "shots": shots, "acdc": result.get("acdc"),
-        "split": result.get("split"), "test_seed": result.get("test_seed"), "episodes": result.get("episodes"),
-        "accuracy_mean": result["accuracy_mean"], "accuracy_ci95": result["accuracy_ci95"],
-        "parameters": result.get("parameters"), "train_seconds": result.get("train_seconds"),
+        "method": method,
+        "variant": variant,
+        "shots": shots,
+        "acdc": result.get("acdc"),
+        "split": result.get("split"),
+        "test_seed": result.get("test_seed"),
+        "episodes": result.get("episodes"),
+        "accuracy_mean": result["accuracy_mean"],
+        "accuracy_ci95": result["accuracy_ci95"],
+        "parameters": result.get("parameters"),
+        "train_seconds": result.get("train_seconds"),
         "stopped_by": result.get("stopped_by"),
         "steps": result.get("pretrain_steps" if pretrained else "meta_steps"),
         "steps_unit": "batches" if pretrained else "meta-steps",
         "epochs": result.get("pretrain_epochs") if pretrained else None,
-        "best_step": result.get("best_step"), "run_seconds": result.get("seconds"),
-        "wall_seconds": round(wall, 1), "load_average_1min_at_start": load,
-        "settings": dict(settings), "episode_accuracies": result.get("episode_accuracies"),
+        "best_step": result.get("best_step"),
+        "run_seconds": result.get("seconds"),
+        "wall_seconds": round(wall, 1),
+        "load_average_1min_at_start": load,
+        "settings": dict(settings),
+        "episode_accuracies": result.get("episode_accuracies"),
     }
 
 
-def measure(args: argparse.Namespace, method: str, variant: str, shots: int, settings: Mapping[str, Any],
-            run_dir: Path) -> dict[str, Any]:
+def measure(
+    args: argparse.Namespace, method: str, variant: str, shots: int, settings: Mapping[str, Any], run_dir: Path
+) -> dict[str, Any]:
     """Run one cell and build its record."""
     load, started = load_average(), time.perf_counter()
     result = run_cell(settings, run_dir, args.threads)
@@ -287,14 +377,18 @@ def load_payload(path: Path, shared: Mapping[str, Any]) -> dict[str, Any]:
     """The results JSON (or an empty one); refuses a file measured with other shared settings."""
     payload: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if not isinstance(payload.get("records", {}), dict):
-        raise ValueError(f"{path} holds results of the earlier compare_methods.py (a list of records): move it "
-                         "away or use another --out")
+        raise ValueError(
+            f"{path} holds results of the earlier compare_methods.py (a list of records): move it "
+            "away or use another --out"
+        )
     payload.setdefault("records", {})
     payload.setdefault("commands", [])
     for key, value in payload.get("settings", {}).items():
         if key in shared and value != shared[key]:
-            raise ValueError(f"{path} was measured with {key} = {value!r}, not {shared[key]!r}; use the same "
-                             "settings or another --out")
+            raise ValueError(
+                f"{path} was measured with {key} = {value!r}, not {shared[key]!r}; use the same "
+                "settings or another --out"
+            )
     payload["settings"] = {**payload.get("settings", {}), **shared}
     return payload
 
@@ -309,15 +403,20 @@ def stale_cells(records: Mapping[str, Any], wanted: Mapping[str, Mapping[str, An
     return [key for key, settings in wanted.items() if key in records and records[key]["settings"] != dict(settings)]
 
 
-def run_cells(args: argparse.Namespace, payload: dict[str, Any], path: Path,
-              cells: Mapping[str, tuple[str, str, int, dict[str, Any]]],
-              on_record: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+def run_cells(
+    args: argparse.Namespace,
+    payload: dict[str, Any],
+    path: Path,
+    cells: Mapping[str, tuple[str, str, int, dict[str, Any]]],
+    on_record: Callable[[str, dict[str, Any]], None] | None = None,
+) -> None:
     """Measure each cell not yet in ``payload["records"]``, writing the JSON after every one."""
     records = payload["records"]
     stale = stale_cells(records, {k: c[3] for k, c in cells.items()})
     if stale:
-        raise ValueError(f"{path} holds {', '.join(stale)} measured with other settings; delete them from it "
-                         "or use another --out")
+        raise ValueError(
+            f"{path} holds {', '.join(stale)} measured with other settings; delete them from it or use another --out"
+        )
     todo = [key for key in cells if key not in records]
     print(f"{len(cells) - len(todo)} of {len(cells)} cells already in {path}; {len(todo)} to run", flush=True)
     for number, key in enumerate(todo, start=1):
@@ -328,14 +427,21 @@ def run_cells(args: argparse.Namespace, payload: dict[str, Any], path: Path,
             on_record(key, records[key])
         write_json(path, payload)
         r = records[key]
-        print(f"    {r['accuracy_mean']:.2f} ± {r['accuracy_ci95']:.2f} % after {r['steps']} {r['steps_unit']} "
-              f"in {r['train_seconds']} s ({r['wall_seconds']:.0f} s in all)", flush=True)
+        print(
+            f"    {r['accuracy_mean']:.2f} ± {r['accuracy_ci95']:.2f} % after {r['steps']} {r['steps_unit']} "
+            f"in {r['train_seconds']} s ({r['wall_seconds']:.0f} s in all)",
+            flush=True,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ comparison
 def comparison_cells(args: argparse.Namespace) -> dict[str, tuple[str, str, int, dict[str, Any]]]:
-    return {cell_key(m, v, k): (m, v, k, cell_settings(args, m, v, k))
-            for k in args.shots for m in args.methods for v in args.variants}
+    return {
+        cell_key(m, v, k): (m, v, k, cell_settings(args, m, v, k))
+        for k in args.shots
+        for m in args.methods
+        for v in args.variants
+    }
 
 
 def compare(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
@@ -371,10 +477,12 @@ def _by_cell(records: Mapping[str, Any]) -> dict[tuple[str, str, int], dict[str,
 
 def budget_line(payload: Mapping[str, Any]) -> str:
     s = payload["settings"]
-    return (f"**Budget: {s['train_seconds']:g} s of training per run** (wall clock, validation included; "
-            f"{s['threads']} thread(s), device {s['device']}), then {s['test_episodes']} seeded "
-            f"{s['ways']}-way test episodes (--test-seed {s['test_seed']}, the same for every cell, 15 queries "
-            f"per class). Backbone {s['backbone']} width {s['width']}, ACDC-net with m={s['atoms']} atoms.")
+    return (
+        f"**Budget: {s['train_seconds']:g} s of training per run** (wall clock, validation included; "
+        f"{s['threads']} thread(s), device {s['device']}), then {s['test_episodes']} seeded "
+        f"{s['ways']}-way test episodes (--test-seed {s['test_seed']}, the same for every cell, 15 queries "
+        f"per class). Backbone {s['backbone']} width {s['width']}, ACDC-net with m={s['atoms']} atoms."
+    )
 
 
 def markdown(payload: Mapping[str, Any]) -> str:
@@ -430,15 +538,23 @@ def plot(payload: Mapping[str, Any], path: Path) -> Path:
     records = payload["records"]
     methods, variants, shots = _ordered(records)
     by = _by_cell(records)
-    fig, axes = plt.subplots(1, len(shots), figsize=(1.2 * len(methods) * len(shots) + 2, 4), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(shots), figsize=(1.2 * len(methods) * len(shots) + 2, 4), squeeze=False, sharey=True
+    )
     width = 0.8 / max(len(variants), 1)
     for ax, k in zip(axes[0], shots):
         for j, v in enumerate(variants):
             cells = [(i, by[(m, v, k)]) for i, m in enumerate(methods) if (m, v, k) in by]
             xs = [i + (j - (len(variants) - 1) / 2) * width for i, _ in cells]
-            ax.bar(xs, [r["accuracy_mean"] for _, r in cells], width, yerr=[r["accuracy_ci95"] for _, r in cells],
-                   capsize=3, label=LABELS[v], color=f"C{0 if v == 'dense' else 3}")
+            ax.bar(
+                xs,
+                [r["accuracy_mean"] for _, r in cells],
+                width,
+                yerr=[r["accuracy_ci95"] for _, r in cells],
+                capsize=3,
+                label=LABELS[v],
+                color=f"C{0 if v == 'dense' else 3}",
+            )
         ax.axhline(100 / payload["settings"]["ways"], color="gray", linestyle=":", linewidth=1, label="chance")
         ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right")
         ax.set_title(f"{payload['settings']['ways']}-way {k}-shot")
@@ -448,8 +564,13 @@ def plot(payload: Mapping[str, Any], path: Path) -> Path:
     legend = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
     fig.legend(legend.values(), legend.keys(), loc="upper right", ncol=len(legend), fontsize=8)
     s = payload["settings"]
-    fig.suptitle(f"{s['train_seconds']:g} s of training per run, {s['backbone']} width {s['width']}, "
-                 f"{s['test_episodes']} test episodes", fontsize=10, x=0.02, ha="left")
+    fig.suptitle(
+        f"{s['train_seconds']:g} s of training per run, {s['backbone']} width {s['width']}, "
+        f"{s['test_episodes']} test episodes",
+        fontsize=10,
+        x=0.02,
+        ha="left",
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -473,8 +594,7 @@ def tuning_cells(args: argparse.Namespace) -> dict[str, tuple[str, str, int, dic
         for name, overrides in TUNE_CANDIDATES.get(method, {}).items():
             for variant in args.tune_variants:
                 settings = cell_settings(args, method, variant, args.tune_shots, overrides, split="val")
-                cells[f"{method}/{name}/{variant}/{args.tune_shots}shot"] = (method, variant, args.tune_shots,
-                                                                              settings)
+                cells[f"{method}/{name}/{variant}/{args.tune_shots}shot"] = (method, variant, args.tune_shots, settings)
     return cells
 
 
@@ -488,8 +608,11 @@ def chosen_settings(records: Mapping[str, Any], variants: Sequence[str], shots: 
             continue
         score = {name: statistics.fmean(records[key]["accuracy_mean"] for key in ks) for name, ks in keys.items()}
         winner = max(score, key=score.get)
-        chosen[method] = {"candidate": winner, "val_accuracy": round(score[winner], 2),
-                          "settings": {**METHOD_SETTINGS[method], **candidates[winner]}}
+        chosen[method] = {
+            "candidate": winner,
+            "val_accuracy": round(score[winner], 2),
+            "settings": {**METHOD_SETTINGS[method], **candidates[winner]},
+        }
     return chosen
 
 
@@ -508,8 +631,10 @@ def tune(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     payload["chosen"] = chosen_settings(payload["records"], args.tune_variants, args.tune_shots)
     write_json(path, payload)
     for method, choice in payload["chosen"].items():
-        print(f"{method}: {choice['candidate']} ({choice['val_accuracy']:.2f}% on validation) -> "
-              f"METHOD_SETTINGS[{method!r}] = {choice['settings']}")
+        print(
+            f"{method}: {choice['candidate']} ({choice['val_accuracy']:.2f}% on validation) -> "
+            f"METHOD_SETTINGS[{method!r}] = {choice['settings']}"
+        )
     print(f"wrote {path}")
     return payload
 

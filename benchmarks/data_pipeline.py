@@ -11,6 +11,7 @@ through ``MiniImageNet.from_cache``, the same class and code path as a real spli
   flip, normalise, per image), in-process and with 2 DataLoader workers;
 - the same for glyphs (28×28) for reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,9 @@ def generate(directory: Path) -> None:
 def episodes_per_second(dataset, transform, episodes: int, workers: int) -> float:
     from fewshot.data import episode_loader
 
-    loader = episode_loader(dataset, 5, 1, 15, episodes + (2 if workers else 0), seed=0, transform=transform,
-                            num_workers=workers)
+    loader = episode_loader(
+        dataset, 5, 1, 15, episodes + (2 if workers else 0), seed=0, transform=transform, num_workers=workers
+    )
     iterator = iter(loader)
     if workers:  # do not count worker start-up: skip the first two episodes
         next(iterator), next(iterator)
@@ -79,7 +81,9 @@ def episodes_per_second(dataset, transform, episodes: int, workers: int) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/data_pipeline.json)")
-    parser.add_argument("--workdir", default=None, help="where to write the 813 MB synthetic cache (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", default=None, help="where to write the 813 MB synthetic cache (default: a temp dir)"
+    )
     parser.add_argument("--generate", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:

@@ -27,6 +27,7 @@ With ``--dataset miniimagenet`` the settings of each cell come from the paper's 
 (``configs/maml_miniimagenet_<backbone>_<dense|acdc-net>_5w<shots>s.yaml``; Conv4 takes ResNet10's at
 84 px) and ``--train-episodes`` defaults to the configs' (60,000 / 40,000).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -49,8 +51,20 @@ DEPTHS = {"conv4": 4, "resnet10": 10, "resnet18": 18, "resnet34": 34}
 VARIANTS = {"none": "dense", "net": "ACDC-net"}
 GLYPHS_CONFIG = ROOT / "configs/maml_glyphs_demo.yaml"
 # Settings of the main job that a sweep cell replaces or drops (the cell sets its own budget and output).
-DROPPED = ("train_seconds", "out", "test_episodes", "seed", "shots", "backbone", "acdc", "width", "stem",
-           "image_size", "train_episodes", "lr_schedule")
+DROPPED = (
+    "train_seconds",
+    "out",
+    "test_episodes",
+    "seed",
+    "shots",
+    "backbone",
+    "acdc",
+    "width",
+    "stem",
+    "image_size",
+    "train_episodes",
+    "lr_schedule",
+)
 
 
 def cell_key(backbone: str, acdc: str, shots: int, seed: int) -> str:
@@ -82,8 +96,9 @@ def cell_settings(args: argparse.Namespace, backbone: str, acdc: str, shots: int
             settings["image_size"] = 84
         else:
             settings.update(stem=config.get("stem"), image_size=config.get("image_size"))
-    settings.update(shots=shots, seed=seed, train_episodes=episodes, test_episodes=args.test_episodes,
-                    device=args.device)
+    settings.update(
+        shots=shots, seed=seed, train_episodes=episodes, test_episodes=args.test_episodes, device=args.device
+    )
     return settings
 
 
@@ -94,8 +109,16 @@ def summarize(records: Mapping[str, Any]) -> list[dict[str, Any]]:
         groups.setdefault((r["backbone"], r["acdc"], r["shots"]), []).append(r["accuracy_mean"])
     rows = []
     for (backbone, acdc, shots), accs in groups.items():
-        rows.append({"backbone": backbone, "acdc": acdc, "shots": shots, "seeds": len(accs),
-                     "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
+        rows.append(
+            {
+                "backbone": backbone,
+                "acdc": acdc,
+                "shots": shots,
+                "seeds": len(accs),
+                "mean": statistics.fmean(accs),
+                "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            }
+        )
     order = {b: i for i, b in enumerate(BACKBONES)}
     return sorted(rows, key=lambda r: (r["shots"], order.get(r["backbone"], 99), r["acdc"]))
 
@@ -113,13 +136,22 @@ def write_table(path: Path, payload: Mapping[str, Any]) -> None:
             return "not run"
         return f"{r['mean']:.2f} ± {r['std']:.2f} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})"
 
-    rows = [[b] + [cell(by.get((b, a, k))) for k in shots_seen for a in VARIANTS]
-            for b in BACKBONES if any((b, a, k) in by for a in VARIANTS for k in shots_seen)]
-    text = ["# MAML depth sweep: dense against ACDC-net (the paper's Fig. 5)", "",
-            f"Command(s): `{'`, `'.join(payload.get('commands', []))}`.", "",
-            f"Test accuracy (%) over {payload.get('test_episodes')} seeded 5-way test episodes per run: "
-            "mean over seeds ± standard deviation across seeds.", "",
-            markdown_table(header, rows), ""]
+    rows = [
+        [b] + [cell(by.get((b, a, k))) for k in shots_seen for a in VARIANTS]
+        for b in BACKBONES
+        if any((b, a, k) in by for a in VARIANTS for k in shots_seen)
+    ]
+    text = [
+        "# MAML depth sweep: dense against ACDC-net (the paper's Fig. 5)",
+        "",
+        f"Command(s): `{'`, `'.join(payload.get('commands', []))}`.",
+        "",
+        f"Test accuracy (%) over {payload.get('test_episodes')} seeded 5-way test episodes per run: "
+        "mean over seeds ± standard deviation across seeds.",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
     if payload.get("settings_note"):
         text += [payload["settings_note"], ""]
     path.write_text("\n".join(text))
@@ -133,17 +165,28 @@ def write_plot(path: Path, payload: Mapping[str, Any]) -> None:
 
     summary = summarize(payload["records"])
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    styles = {("none", 1): ("C0", "o", "--"), ("net", 1): ("C3", "s", "--"),
-              ("none", 5): ("C0", "o", "-"), ("net", 5): ("C3", "s", "-")}
+    styles = {
+        ("none", 1): ("C0", "o", "--"),
+        ("net", 1): ("C3", "s", "--"),
+        ("none", 5): ("C0", "o", "-"),
+        ("net", 5): ("C3", "s", "-"),
+    }
     for (acdc, shots), (color, marker, line) in styles.items():
         points = [r for r in summary if r["acdc"] == acdc and r["shots"] == shots]
         if not points:
             continue
         points.sort(key=lambda r: DEPTHS[r["backbone"]])
         label = f"MAML{'-ACDC' if acdc == 'net' else ''} 5W{shots}S"
-        ax.errorbar([DEPTHS[r["backbone"]] for r in points], [r["mean"] for r in points],
-                    yerr=[r["std"] for r in points], color=color, marker=marker, linestyle=line,
-                    capsize=3, label=label)
+        ax.errorbar(
+            [DEPTHS[r["backbone"]] for r in points],
+            [r["mean"] for r in points],
+            yerr=[r["std"] for r in points],
+            color=color,
+            marker=marker,
+            linestyle=line,
+            capsize=3,
+            label=label,
+        )
     ax.set_xticks([DEPTHS[b] for b in BACKBONES], [f"{b}\n({DEPTHS[b]})" for b in BACKBONES])
     ax.set_xlabel("backbone (layers)")
     ax.set_ylabel("test accuracy (%)")
@@ -163,9 +206,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--acdc", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     p.add_argument("--shots", nargs="+", type=int, default=[1, 5])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--train-episodes", type=int, default=None,
-                   help="training episodes per cell, the same for dense and ACDC-net (glyphs default 2000; "
-                        "miniimagenet: the configs')")
+    p.add_argument(
+        "--train-episodes",
+        type=int,
+        default=None,
+        help="training episodes per cell, the same for dense and ACDC-net (glyphs default 2000; "
+        "miniimagenet: the configs')",
+    )
     p.add_argument("--test-episodes", type=int, default=600)
     p.add_argument("--resnet-width", type=int, default=16, help="glyphs: channels of the ResNets' first stage")
     p.add_argument("--stem", choices=("small", "imagenet"), default="small", help="glyphs: ResNet stem")
@@ -189,8 +236,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if any(k <= 0 for k in args.shots):
         p.error(f"--shots must be positive, got {args.shots}")
     if args.out is None:
-        args.out = str(ROOT / "benchmarks/results" / ("depth_sweep.json" if args.dataset == "glyphs"
-                                                       else f"depth_sweep_{args.dataset}.json"))
+        args.out = str(
+            ROOT
+            / "benchmarks/results"
+            / ("depth_sweep.json" if args.dataset == "glyphs" else f"depth_sweep_{args.dataset}.json")
+        )
     return args
 
 
@@ -200,8 +250,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     payload: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"records": {}, "commands": []}
     for key in ("dataset", "test_episodes"):
         if key in payload and payload[key] != getattr(args, key):
-            raise SystemExit(f"error: {out} holds --{key.replace('_', '-')} {payload[key]}; use the same "
-                             "or another --out")
+            raise SystemExit(
+                f"error: {out} holds --{key.replace('_', '-')} {payload[key]}; use the same or another --out"
+            )
     payload.update(dataset=args.dataset, test_episodes=args.test_episodes)
     records = payload["records"]
     if not args.report:
@@ -220,14 +271,33 @@ def main(argv: Sequence[str] | None = None) -> Path:
             result = run_fewshot_cli("run_maml.py", settings, run_dir, args.threads)
             result.pop("episode_accuracies", None)
             records[cell_key(backbone, acdc, shots, seed)] = {
-                **{k: result.get(k) for k in ("backbone", "acdc", "shots", "seed", "accuracy_mean",
-                                              "accuracy_ci95", "episodes", "parameters", "meta_steps",
-                                              "best_step", "best_val_acc", "train_seconds", "seconds")},
-                "settings": settings, "wall_seconds": round(time.perf_counter() - started, 1),
+                **{
+                    k: result.get(k)
+                    for k in (
+                        "backbone",
+                        "acdc",
+                        "shots",
+                        "seed",
+                        "accuracy_mean",
+                        "accuracy_ci95",
+                        "episodes",
+                        "parameters",
+                        "meta_steps",
+                        "best_step",
+                        "best_val_acc",
+                        "train_seconds",
+                        "seconds",
+                    )
+                },
+                "settings": settings,
+                "wall_seconds": round(time.perf_counter() - started, 1),
                 "threads": args.threads,
             }
-            print(f"  {cell_key(backbone, acdc, shots, seed)}: {result['accuracy_mean']:.2f}% ± "
-                  f"{result['accuracy_ci95']:.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
+            print(
+                f"  {cell_key(backbone, acdc, shots, seed)}: {result['accuracy_mean']:.2f}% ± "
+                f"{result['accuracy_ci95']:.2f} ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
             write_json(out, payload)
     if not records:
         raise SystemExit(f"error: {out} has no measured cell yet; run some cells first")

@@ -26,14 +26,16 @@ float64 (``--dtype float64``, slow) they agree exactly.
 
 Writes ``benchmarks/results/evaluate.json`` (or ``--out``) with ``speedup`` = loop seconds / ours seconds.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from common import DTYPES  # noqa: E402
+
 from fewshot.config import cli_main  # noqa: E402
 from fewshot.data.episode import Episode  # noqa: E402
 from fewshot.evaluation import EvaluationResult, episode_accuracy, evaluate  # noqa: E402
@@ -66,9 +69,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=16, help="first-stage channels (64: Chen et al.)")
     p.add_argument("--steps", type=int, default=5, help="test-time inner steps")
     p.add_argument("--lr", type=float, default=0.01, help="test-time inner step size")
-    p.add_argument("--vectorize", choices=("on", "off"), default="on",
-                   help="ours: K episodes through one vmap (on, as the main job) or one after the other (off, "
-                        "MAML's default; faster for full-width networks on a CPU)")
+    p.add_argument(
+        "--vectorize",
+        choices=("on", "off"),
+        default="on",
+        help="ours: K episodes through one vmap (on, as the main job) or one after the other (off, "
+        "MAML's default; faster for full-width networks on a CPU)",
+    )
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -98,8 +105,9 @@ def build_learner(args: argparse.Namespace, device: torch.device) -> MAML:
     acdc = {"acdc": "net", "atoms": args.atoms} if args.acdc == "net" else {}
     options = {"image_size": args.image_size} if args.backbone == "conv4" else {"stem": "imagenet"}
     backbone = create_backbone(args.backbone, width=args.width, **options, **acdc)
-    learner = MAML(backbone, ways=args.ways, test_inner_steps=args.steps, test_inner_lr=args.lr,
-                   vectorize=args.vectorize == "on")
+    learner = MAML(
+        backbone, ways=args.ways, test_inner_steps=args.steps, test_inner_lr=args.lr, vectorize=args.vectorize == "on"
+    )
     return learner.to(device=device, dtype=DTYPES[args.dtype]).eval()
 
 
@@ -160,8 +168,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             accuracies[name] += runs[name](chunk)
             sync()
             seconds[name].append(time.perf_counter() - t0)
-        print(f"  episodes {first + len(chunk)}/{args.episodes}: "
-              + "  ".join(f"{n} {len(chunk) / seconds[n][-1]:.2f} ep/s" for n in runs), flush=True)
+        print(
+            f"  episodes {first + len(chunk)}/{args.episodes}: "
+            + "  ".join(f"{n} {len(chunk) / seconds[n][-1]:.2f} ep/s" for n in runs),
+            flush=True,
+        )
 
     rates = {n: [k / s for k, s in zip(sizes, seconds[n])] for n in runs}
     contenders = {}
@@ -185,12 +196,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": common.command_line("evaluate", argv),
         "machine": {**common.machine(device), "load_average_1min_at_end": common.load_average()},
         "settings": {
-            "backbone": args.backbone, "width": args.width, "acdc": args.acdc,
+            "backbone": args.backbone,
+            "width": args.width,
+            "acdc": args.acdc,
             "atoms": args.atoms if args.acdc == "net" else None,
-            "ways": args.ways, "shots": args.shots, "queries": args.queries, "image_size": args.image_size,
-            "steps": args.steps, "lr": args.lr, "episodes": args.episodes, "batch": args.batch,
+            "ways": args.ways,
+            "shots": args.shots,
+            "queries": args.queries,
+            "image_size": args.image_size,
+            "steps": args.steps,
+            "lr": args.lr,
+            "episodes": args.episodes,
+            "batch": args.batch,
             "vectorize": args.vectorize,
-            "warmup_rounds": args.warmup, "dtype": args.dtype, "seed": args.seed,
+            "warmup_rounds": args.warmup,
+            "dtype": args.dtype,
+            "seed": args.seed,
             "parameters": sum(p.numel() for p in learner.parameters()),
         },
         "speedup": round(sum(seconds["loop"]) / sum(seconds["ours"]), 4),
@@ -199,13 +220,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "mismatched_episodes": mismatched,
         "contenders": contenders,
         "notes": "speedup = loop seconds / ours seconds over the same episodes (rounds of `batch` episodes, "
-                 "interleaved). Episode generation is outside the clock.",
+        "interleaved). Episode generation is outside the clock.",
         "seconds": round(time.perf_counter() - start, 1),
     }
-    print(f"ours {contenders['ours']['episodes_per_second']:.3f} ep/s, loop "
-          f"{contenders['loop']['episodes_per_second']:.3f} ep/s, speedup {payload['speedup']:.2f}x; "
-          f"accuracies {'identical' if not mismatched else f'differ in {len(mismatched)} episodes'} "
-          f"({contenders['ours']['accuracy_mean']:.2f}% vs {contenders['loop']['accuracy_mean']:.2f}%)")
+    print(
+        f"ours {contenders['ours']['episodes_per_second']:.3f} ep/s, loop "
+        f"{contenders['loop']['episodes_per_second']:.3f} ep/s, speedup {payload['speedup']:.2f}x; "
+        f"accuracies {'identical' if not mismatched else f'differ in {len(mismatched)} episodes'} "
+        f"({contenders['ours']['accuracy_mean']:.2f}% vs {contenders['loop']['accuracy_mean']:.2f}%)"
+    )
     common.save_result(args.out, "evaluate", payload)
     return payload
 

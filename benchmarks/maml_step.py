@@ -37,15 +37,17 @@ everything, run nothing — measures alone); on CUDA ``torch.cuda.max_memory_all
 
 Writes ``benchmarks/results/maml_step.json`` (or ``--out``) and a markdown table next to it (``.md``).
 """
+
 from __future__ import annotations
 
 import argparse
 import fnmatch
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from common import DTYPES  # noqa: E402
+
 from fewshot.config import cli_main  # noqa: E402
 from fewshot.data.episode import Episode  # noqa: E402
 from fewshot.learners.maml import MAML  # noqa: E402
@@ -98,13 +101,28 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (each contender once per round)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per contender first (>= 1)")
-    p.add_argument("--backbones", nargs="+", choices=BACKBONE_CHOICES, default=list(DEFAULT_BACKBONES),
-                   help="resnet10/resnet18 with the ImageNet stem; conv4 (small, for smoke tests)")
-    p.add_argument("--configs", nargs="+", default=None, metavar="GLOB",
-                   help="configuration name patterns, e.g. 'resnet10-*' or '*-second'; names are "
-                        "BACKBONE-{dense,acdc}-{first,second}")
-    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(DEFAULT_CONTENDERS),
-                   help=f"default: {' '.join(DEFAULT_CONTENDERS)} (learn2learn only when importable)")
+    p.add_argument(
+        "--backbones",
+        nargs="+",
+        choices=BACKBONE_CHOICES,
+        default=list(DEFAULT_BACKBONES),
+        help="resnet10/resnet18 with the ImageNet stem; conv4 (small, for smoke tests)",
+    )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        metavar="GLOB",
+        help="configuration name patterns, e.g. 'resnet10-*' or '*-second'; names are "
+        "BACKBONE-{dense,acdc}-{first,second}",
+    )
+    p.add_argument(
+        "--contenders",
+        nargs="+",
+        choices=CONTENDERS,
+        default=list(DEFAULT_CONTENDERS),
+        help=f"default: {' '.join(DEFAULT_CONTENDERS)} (learn2learn only when importable)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-batch (larger on CUDA)")
@@ -115,14 +133,26 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--inner-steps", type=int, default=5)
     p.add_argument("--inner-lr", type=float, default=0.01)
     p.add_argument("--atoms", type=int, default=8, help="ACDC atoms m")
-    p.add_argument("--atom-drop", type=float, default=0.0,
-                   help="ACDC atom-drop in training (default 0: every contender computes the same function)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                   help="float64 makes the meta-gradient check exact (float32 meta-gradients of equivalent "
-                        "implementations differ by up to ~10%% after 5 inner steps: see README)")
-    p.add_argument("--memory", choices=("rss", "none"), default="rss",
-                   help="rss: peak RSS of each contender in a fresh subprocess (CPU); none: skip. "
-                        "CUDA always reports max_memory_allocated")
+    p.add_argument(
+        "--atom-drop",
+        type=float,
+        default=0.0,
+        help="ACDC atom-drop in training (default 0: every contender computes the same function)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="float64 makes the meta-gradient check exact (float32 meta-gradients of equivalent "
+        "implementations differ by up to ~10%% after 5 inner steps: see README)",
+    )
+    p.add_argument(
+        "--memory",
+        choices=("rss", "none"),
+        default="rss",
+        help="rss: peak RSS of each contender in a fresh subprocess (CPU); none: skip. "
+        "CUDA always reports max_memory_allocated",
+    )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/maml_step.json)")
     p.add_argument("--probe", choices=PROBES, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -150,8 +180,12 @@ def build_learner(config: Config, args: argparse.Namespace, device: torch.device
     options = {"image_size": args.image_size} if config.backbone == "conv4" else {"stem": "imagenet"}
     backbone = create_backbone(config.backbone, **options, **acdc)
     learner = MAML(
-        backbone, ways=args.ways, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
-        first_order=config.first_order, vectorize=vectorize,
+        backbone,
+        ways=args.ways,
+        inner_steps=args.inner_steps,
+        inner_lr=args.inner_lr,
+        first_order=config.first_order,
+        vectorize=vectorize,
     )
     return learner.to(device=device, dtype=DTYPES[args.dtype]).train()
 
@@ -190,7 +224,9 @@ def higher_step(model: MAML, episodes: list[Episode], config: Config, args: argp
     return step
 
 
-def learn2learn_step(model: MAML, episodes: list[Episode], config: Config, args: argparse.Namespace) -> Callable[[], None]:
+def learn2learn_step(
+    model: MAML, episodes: list[Episode], config: Config, args: argparse.Namespace
+) -> Callable[[], None]:
     """learn2learn's clone/adapt MAML (only built when learn2learn imports; not exercised here)."""
     import learn2learn as l2l
 
@@ -277,9 +313,31 @@ def relative_difference(grads: dict[str, torch.Tensor], reference: dict[str, tor
 # --------------------------------------------------------------------------------------------------
 def probe_argv(args: argparse.Namespace, config: Config, contender: str) -> list[str]:
     """The command line of a memory probe: this run's settings, one configuration, one contender."""
-    argv = ["--backbones", config.backbone, "--configs", config.name, "--probe", contender, "--device", args.device, "--warmup", str(args.warmup)]
-    for flag in ("meta_batch", "ways", "shots", "queries", "image_size", "inner_steps", "inner_lr", "atoms",
-                 "atom_drop", "threads", "dtype"):
+    argv = [
+        "--backbones",
+        config.backbone,
+        "--configs",
+        config.name,
+        "--probe",
+        contender,
+        "--device",
+        args.device,
+        "--warmup",
+        str(args.warmup),
+    ]
+    for flag in (
+        "meta_batch",
+        "ways",
+        "shots",
+        "queries",
+        "image_size",
+        "inner_steps",
+        "inner_lr",
+        "atoms",
+        "atom_drop",
+        "threads",
+        "dtype",
+    ):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
@@ -316,9 +374,11 @@ def measure_config(
             step()
     sync()
     reference = grads.get("ours")
-    grad_rel_diff = {
-        n: relative_difference(g, reference) for n, g in grads.items() if n not in ("ours", "floor", "bound")
-    } if reference is not None else {}
+    grad_rel_diff = (
+        {n: relative_difference(g, reference) for n, g in grads.items() if n not in ("ours", "floor", "bound")}
+        if reference is not None
+        else {}
+    )
 
     def progress(r: int, seconds: dict[str, float]) -> None:
         shown = "  ".join(f"{n} {1000 * s:8.1f}" for n, s in seconds.items())
@@ -335,10 +395,14 @@ def measure_config(
             stats[name]["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     del built, grads
     row: dict[str, Any] = {
-        "backbone": config.backbone, "acdc": "net" if config.acdc else "none",
-        "atoms": args.atoms if config.acdc else None, "atom_drop": args.atom_drop if config.acdc else None,
-        "first_order": config.first_order, "parameters": parameters,
-        "contenders": stats, "grad_rel_diff_vs_ours": grad_rel_diff,
+        "backbone": config.backbone,
+        "acdc": "net" if config.acdc else "none",
+        "atoms": args.atoms if config.acdc else None,
+        "atom_drop": args.atom_drop if config.acdc else None,
+        "first_order": config.first_order,
+        "parameters": parameters,
+        "contenders": stats,
+        "grad_rel_diff_vs_ours": grad_rel_diff,
     }
     if device.type == "cpu" and args.memory == "rss":
         script = Path(__file__).resolve()
@@ -359,8 +423,14 @@ def measure_config(
 def table(configs: dict[str, dict[str, Any]], contenders: list[str]) -> str:
     """Markdown: median ms (IQR) per contender, ours relative to higher / the floor, peak memory."""
     memory_key = next(
-        (k for k in ("peak_rss_mib", "peak_cuda_mib") for r in configs.values()
-         for s in r["contenders"].values() if k in s), None
+        (
+            k
+            for k in ("peak_rss_mib", "peak_cuda_mib")
+            for r in configs.values()
+            for s in r["contenders"].values()
+            if k in s
+        ),
+        None,
     )
     header = ["configuration", "params (M)"] + [f"{c} ms (IQR)" for c in contenders]
     header += [f"ours/{c}" for c in RATIO_COLUMNS if c in contenders and "ours" in contenders]
@@ -400,15 +470,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": common.command_line("maml_step", argv),
         "machine": common.machine(device),
         "settings": {
-            "meta_batch": args.meta_batch, "ways": args.ways, "shots": args.shots, "queries": args.queries,
-            "image_size": args.image_size, "stem": "imagenet (ResNets)", "inner_steps": args.inner_steps,
-            "inner_lr": args.inner_lr, "dtype": args.dtype, "rounds": args.rounds, "warmup": args.warmup, "memory": args.memory,
+            "meta_batch": args.meta_batch,
+            "ways": args.ways,
+            "shots": args.shots,
+            "queries": args.queries,
+            "image_size": args.image_size,
+            "stem": "imagenet (ResNets)",
+            "inner_steps": args.inner_steps,
+            "inner_lr": args.inner_lr,
+            "dtype": args.dtype,
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "memory": args.memory,
         },
         "learn2learn": l2l_note or "measured",
         "notes": "ratio_vs_X = ours median / X median (< 1: ours faster). Medians over interleaved rounds; "
-                 "compare only figures of one run. peak_rss_mib: fresh subprocess per contender, includes "
-                 "interpreter + torch + model (see idle_rss_mib). grad_rel_diff_vs_ours: max|g - g_ours| / "
-                 "max|g_ours|; exact only in float64 (float32: up to ~10% at full size, see README).",
+        "compare only figures of one run. peak_rss_mib: fresh subprocess per contender, includes "
+        "interpreter + torch + model (see idle_rss_mib). grad_rel_diff_vs_ours: max|g - g_ours| / "
+        "max|g_ours|; exact only in float64 (float32: up to ~10% at full size, see README).",
         "configs": {},
     }
     for config in configs:

@@ -12,6 +12,7 @@ CUDA the timed loop is bracketed by ``torch.cuda.synchronize()`` so queued kerne
 
 Writes ``benchmarks/results/pretrain_throughput_<device>.json`` (or ``--out``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,16 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the repository on sys.path)
+
 from fewshot.config import cli_main  # noqa: E402
 from fewshot.training.supervised import Precision, train_step  # noqa: E402
 
@@ -45,9 +48,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 50; 2 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; 1 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, the median is kept (3; 1 --quick)")
-    p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
-                   help="the AMP dtype measured next to fp32 (default bf16 where supported, else fp16); "
-                        "none: fp32 only")
+    p.add_argument(
+        "--amp",
+        choices=("bf16", "fp16", "none"),
+        default=None,
+        help="the AMP dtype measured next to fp32 (default bf16 where supported, else fp16); none: fp32 only",
+    )
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each model (warm-up includes compiling)")
@@ -101,10 +107,16 @@ def measure(variant: str, precision_mode: str, args: argparse.Namespace, device:
         rates.append(args.steps * args.batch_size / seconds)
         losses.append(float(loss))
     row = {
-        "variant": variant, "acdc": acdc or "none", "atoms": atoms if acdc else None, "group_size": group_size,
-        "precision": precision_mode, "parameters": parameters,
-        "images_per_second": statistics.median(rates), "images_per_second_all": rates,
-        "ms_per_step": 1000 * args.batch_size / statistics.median(rates), "final_loss": losses[-1],
+        "variant": variant,
+        "acdc": acdc or "none",
+        "atoms": atoms if acdc else None,
+        "group_size": group_size,
+        "precision": precision_mode,
+        "parameters": parameters,
+        "images_per_second": statistics.median(rates),
+        "images_per_second_all": rates,
+        "ms_per_step": 1000 * args.batch_size / statistics.median(rates),
+        "final_loss": losses[-1],
     }
     if device.type == "cuda":
         row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -126,17 +138,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for mode in ("off",) if amp == "none" else ("off", amp):
             row = measure(variant, mode, args, device)
             rows.append(row)
-            print(f"{variant:11s} {'fp32' if mode == 'off' else mode:5s} {row['images_per_second']:9.1f} img/s "
-                  f"{row['ms_per_step']:8.1f} ms/step  {row['parameters'] / 1e6:.2f}M params", flush=True)
+            print(
+                f"{variant:11s} {'fp32' if mode == 'off' else mode:5s} {row['images_per_second']:9.1f} img/s "
+                f"{row['ms_per_step']:8.1f} ms/step  {row['parameters'] / 1e6:.2f}M params",
+                flush=True,
+            )
     dense = {r["precision"]: r["images_per_second"] for r in rows if r["variant"] == "dense"}
     for r in rows:
         r["relative_to_dense"] = r["images_per_second"] / dense[r["precision"]] if r["precision"] in dense else None
     result = {
-        "benchmark": "pretrain_throughput", "command": common.command_line("pretrain_throughput", argv),
-        "network": "resnet18_cifar", "device": str(device), "device_name": name,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-        "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "channels_last": args.channels_last,
-        "compile": args.compile, "quick": args.quick, "results": rows,
+        "benchmark": "pretrain_throughput",
+        "command": common.command_line("pretrain_throughput", argv),
+        "network": "resnet18_cifar",
+        "device": str(device),
+        "device_name": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "quick": args.quick,
+        "results": rows,
     }
     common.save_result(args.out, f"pretrain_throughput_{device.type}", result)
     return result

@@ -9,11 +9,13 @@ share spent in convolution kernels (forward and backward) and the top operators.
 
 Writes ``benchmarks/results/profile_step.json`` (or ``--out``).
 """
+
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch.profiler import ProfilerActivity, profile
 
@@ -21,10 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import maml_step  # noqa: E402
+
 from fewshot.config import cli_main  # noqa: E402
 
-CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
-                   "aten::_slow_conv2d_backward", "aten::cudnn_convolution")
+CONVOLUTION_OPS = (
+    "aten::mkldnn_convolution",
+    "aten::convolution_backward",
+    "aten::_slow_conv2d_forward",
+    "aten::_slow_conv2d_backward",
+    "aten::cudnn_convolution",
+)
 
 
 def profile_contender(step) -> dict[str, Any]:
@@ -36,8 +44,12 @@ def profile_contender(step) -> dict[str, Any]:
     total = sum(by_op.values())
     conv = sum(ms for op, ms in by_op.items() if op in CONVOLUTION_OPS)
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:12]
-    return {"self_cpu_ms": round(total, 1), "convolution_ms": round(conv, 1),
-            "convolution_share": round(conv / total, 4), "top_ops_ms": {k: round(v, 1) for k, v in top}}
+    return {
+        "self_cpu_ms": round(total, 1),
+        "convolution_ms": round(conv, 1),
+        "convolution_share": round(conv / total, 4),
+        "top_ops_ms": {k: round(v, 1) for k, v in top},
+    }
 
 
 @cli_main
@@ -51,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "machine": common.machine(device),
         "settings": {"meta_batch": args.meta_batch, "image_size": args.image_size, "inner_steps": args.inner_steps},
         "notes": "self CPU time of one step under torch.profiler (the profiler adds overhead: compare shares, "
-                 "not times with maml_step.json); convolution_share = oneDNN/THNN convolution kernels.",
+        "not times with maml_step.json); convolution_share = oneDNN/THNN convolution kernels.",
         "configs": {},
     }
     episodes = maml_step.make_episodes(args, device)
@@ -60,8 +72,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name in contenders:
             _, step = maml_step.build_contender(name, config, args, device, episodes)
             row[name] = profile_contender(step)
-            print(f"{config.name} {name}: {row[name]['self_cpu_ms']:.0f} ms self CPU, convolutions "
-                  f"{100 * row[name]['convolution_share']:.0f}%", flush=True)
+            print(
+                f"{config.name} {name}: {row[name]['self_cpu_ms']:.0f} ms self CPU, convolutions "
+                f"{100 * row[name]['convolution_share']:.0f}%",
+                flush=True,
+            )
         result["configs"][config.name] = row
     common.save_result(args.out, "profile_step", result)
     return result

@@ -25,6 +25,7 @@ runs a subset.
     python benchmarks/tune_glyphs.py                       # every stage, 2 runs side by side, 1 thread each
     python benchmarks/tune_glyphs.py --stages 1 2 --jobs 1 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,11 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -48,12 +50,30 @@ ROOT = Path(__file__).resolve().parent.parent
 # The starting point: the settings of the issue's best ACDC Conv4 row (first order, inner lr 0.1,
 # 10 test steps, learned step sizes) at width 32, which trains 2x faster than width 64 on 28 px glyphs.
 BASE: dict[str, Any] = {
-    "dataset": "glyphs", "backbone": "conv4", "width": 32, "acdc": "net", "atoms": 8, "atom_drop": 0.1,
-    "inner_atom_drop": "step", "ways": 5, "shots": 1, "queries": 16, "meta_batch": 4, "lr": 1e-3,
-    "lr_schedule": "constant", "inner_steps": 5, "inner_lr": 0.1, "test_inner_steps": 10,
-    "first_order": True, "learn_inner_lr": False, "val_every": 250,
-    "val_episodes": 100, "eval_batch": 32, "vectorize": False,
+    "dataset": "glyphs",
+    "backbone": "conv4",
+    "width": 32,
+    "acdc": "net",
+    "atoms": 8,
+    "atom_drop": 0.1,
+    "inner_atom_drop": "step",
+    "ways": 5,
+    "shots": 1,
+    "queries": 16,
+    "meta_batch": 4,
+    "lr": 1e-3,
+    "lr_schedule": "constant",
+    "inner_steps": 5,
+    "inner_lr": 0.1,
+    "test_inner_steps": 10,
+    "first_order": True,
+    "learn_inner_lr": False,
+    "val_every": 250,
+    "val_episodes": 100,
+    "eval_batch": 32,
+    "vectorize": False,
 }
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -67,72 +87,108 @@ class Stage:
 
 
 STAGES: list[Stage] = [
-    Stage("architecture", "what reaches the highest accuracy in the same time on 28 px images", {
-        "conv4-w32": {},
-        "conv4-w64": {"width": 64},
-        "resnet10-w16-small": {"backbone": "resnet10", "width": 16, "stem": "small"},
-    }, equal_time=True),
-    Stage("inner step size", "the shared coefficient tensor gets the sum of every layer's gradient: one "
-          "global step size may suit it badly; a larger one (a smaller one, 0.03, reached 46.6% against 68.8% "
-          "for 0.1 in a first, time-budgeted trial on a loaded machine that is not part of this record; 0.01, "
-          "Chen et al.'s, gave the old main job's 48-49%)", {
-        "lr0.1": {},
-        "lr0.2": {"inner_lr": 0.2},
-    }),
-    Stage("learned step sizes", "one learned step size per tensor and step (Meta-SGD / MAML++) lets the "
-          "shared tensor take its own; costs the extra graph to the step sizes", {
-        "fixed": {},
-        "learned": {"learn_inner_lr": True},
-    }, equal_time=True),
-    Stage("atom-drop in the inner loop", "a new mask per forward (default) changes the function between "
-          "inner steps; one mask per task, none on the support steps, or none at all", {
-        "drop0.1-step": {},
-        "drop0.1-task": {"inner_atom_drop": "task"},
-        "drop0.1-query": {"inner_atom_drop": "query"},
-        "drop0": {"atom_drop": 0.0},
-    }),
-    Stage("order", "second-order meta-gradients at their measured cost (ms/episode)", {
-        "first": {},
-        "second": {"first_order": False},
-    }, equal_time=True),
-    Stage("outer learning rate", "Adam 1e-3 (Chen et al.) against larger steps, constant or cosine-annealed", {
-        "adam1e-3": {},
-        "adam3e-3": {"lr": 3e-3},
-        "adam3e-3-cosine": {"lr": 3e-3, "lr_schedule": "cosine"},
-        "adam1e-3-cosine": {"lr_schedule": "cosine"},
-    }),
-    Stage("test steps and atoms", "steps at test (trained with 5; 10 costs twice the test time) and the "
-          "number of atoms per layer", {
-        "test10-m8": {},
-        "test5-m8": {"test_inner_steps": 5},
-        "test10-m16": {"atoms": 16},
-        "test10-m4": {"atoms": 4},
-    }),
-    Stage("cost and size of a meta-step", "the 80 query images and the support steps set a step's cost: "
-          "fewer of either buys more meta-steps in the same time; more tasks per update against more updates", {
-        "q16-s5-mb4": {},
-        "q8-s5-mb4": {"queries": 8},
-        "q16-s3-mb4": {"inner_steps": 3},
-        "q16-s5-mb8": {"meta_batch": 8},
-    }, equal_time=True),
+    Stage(
+        "architecture",
+        "what reaches the highest accuracy in the same time on 28 px images",
+        {
+            "conv4-w32": {},
+            "conv4-w64": {"width": 64},
+            "resnet10-w16-small": {"backbone": "resnet10", "width": 16, "stem": "small"},
+        },
+        equal_time=True,
+    ),
+    Stage(
+        "inner step size",
+        "the shared coefficient tensor gets the sum of every layer's gradient: one "
+        "global step size may suit it badly; a larger one (a smaller one, 0.03, reached 46.6% against 68.8% "
+        "for 0.1 in a first, time-budgeted trial on a loaded machine that is not part of this record; 0.01, "
+        "Chen et al.'s, gave the old main job's 48-49%)",
+        {
+            "lr0.1": {},
+            "lr0.2": {"inner_lr": 0.2},
+        },
+    ),
+    Stage(
+        "learned step sizes",
+        "one learned step size per tensor and step (Meta-SGD / MAML++) lets the "
+        "shared tensor take its own; costs the extra graph to the step sizes",
+        {
+            "fixed": {},
+            "learned": {"learn_inner_lr": True},
+        },
+        equal_time=True,
+    ),
+    Stage(
+        "atom-drop in the inner loop",
+        "a new mask per forward (default) changes the function between "
+        "inner steps; one mask per task, none on the support steps, or none at all",
+        {
+            "drop0.1-step": {},
+            "drop0.1-task": {"inner_atom_drop": "task"},
+            "drop0.1-query": {"inner_atom_drop": "query"},
+            "drop0": {"atom_drop": 0.0},
+        },
+    ),
+    Stage(
+        "order",
+        "second-order meta-gradients at their measured cost (ms/episode)",
+        {
+            "first": {},
+            "second": {"first_order": False},
+        },
+        equal_time=True,
+    ),
+    Stage(
+        "outer learning rate",
+        "Adam 1e-3 (Chen et al.) against larger steps, constant or cosine-annealed",
+        {
+            "adam1e-3": {},
+            "adam3e-3": {"lr": 3e-3},
+            "adam3e-3-cosine": {"lr": 3e-3, "lr_schedule": "cosine"},
+            "adam1e-3-cosine": {"lr_schedule": "cosine"},
+        },
+    ),
+    Stage(
+        "test steps and atoms",
+        "steps at test (trained with 5; 10 costs twice the test time) and the number of atoms per layer",
+        {
+            "test10-m8": {},
+            "test5-m8": {"test_inner_steps": 5},
+            "test10-m16": {"atoms": 16},
+            "test10-m4": {"atoms": 4},
+        },
+    ),
+    Stage(
+        "cost and size of a meta-step",
+        "the 80 query images and the support steps set a step's cost: "
+        "fewer of either buys more meta-steps in the same time; more tasks per update against more updates",
+        {
+            "q16-s5-mb4": {},
+            "q8-s5-mb4": {"queries": 8},
+            "q16-s3-mb4": {"inner_steps": 3},
+            "q16-s5-mb8": {"meta_batch": 8},
+        },
+        equal_time=True,
+    ),
 ]
 
 
 def step_costs(settings: Sequence[Mapping[str, Any]], rounds: int) -> list[float]:
     """Seconds per training episode of each settings' meta-step, timed interleaved in this process (one
     meta-step of each in turn, ``rounds`` times, after one warm-up; medians)."""
-    from fewshot.cli import build_learner, build_parser, episode_source, resolve
-    from fewshot.config import parse_args_with_config
-
     import tempfile
 
     from common import write_settings
 
+    from fewshot.cli import build_learner, build_parser, episode_source, resolve
+    from fewshot.config import parse_args_with_config
+
     contenders = []
     for one in settings:
         with tempfile.TemporaryDirectory() as tmp:
-            config = write_settings({**one, "train_episodes": 4 * (rounds + 1) * one["meta_batch"]},
-                                    Path(tmp) / "settings.yaml")
+            config = write_settings(
+                {**one, "train_episodes": 4 * (rounds + 1) * one["meta_batch"]}, Path(tmp) / "settings.yaml"
+            )
             args = resolve(parse_args_with_config(build_parser("maml"), ["--config", str(config), "--out", "unused"]))
         source = episode_source(args, "train", args.train_episodes, 0, train=True)
         torch.manual_seed(0)
@@ -153,8 +209,9 @@ def step_costs(settings: Sequence[Mapping[str, Any]], rounds: int) -> list[float
     return [statistics.median(t) / meta_batch for t, (*_, meta_batch) in zip(times, contenders)]
 
 
-def stage_budgets(stage: Stage, settings: Sequence[Mapping[str, Any]], args: argparse.Namespace
-                  ) -> tuple[list[int], list[float] | None]:
+def stage_budgets(
+    stage: Stage, settings: Sequence[Mapping[str, Any]], args: argparse.Namespace
+) -> tuple[list[int], list[float] | None]:
     """Training episodes per candidate: ``--episodes`` each, or at equal time the episodes that fit in
     the time the first candidate spends on ``--episodes`` (rounded to whole meta-batches)."""
     if not stage.equal_time:
@@ -167,14 +224,24 @@ def stage_budgets(stage: Stage, settings: Sequence[Mapping[str, Any]], args: arg
     return budgets, costs
 
 
-def run_candidate(settings: Mapping[str, Any], episodes: int, run_dir: Path, args: argparse.Namespace
-                  ) -> dict[str, Any]:
+def run_candidate(
+    settings: Mapping[str, Any], episodes: int, run_dir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     """Train one candidate on ``episodes`` training episodes, evaluate it on validation episodes; its record."""
     started = time.perf_counter()
-    result = run_fewshot_cli("run_maml.py", {
-        **settings, "train_episodes": episodes, "test_split": "val", "test_seed": 100,
-        "test_episodes": args.val_episodes, "seed": args.seed,
-    }, run_dir, args.threads)
+    result = run_fewshot_cli(
+        "run_maml.py",
+        {
+            **settings,
+            "train_episodes": episodes,
+            "test_split": "val",
+            "test_seed": 100,
+            "test_episodes": args.val_episodes,
+            "seed": args.seed,
+        },
+        run_dir,
+        args.threads,
+    )
     return {
         "settings": dict(settings),
         "train_episodes": episodes,
@@ -205,8 +272,9 @@ def best_settings(records: Mapping[str, Any], upto: int) -> dict[str, Any]:
         winner = stage_winner(records, index)
         if winner is None:
             missing = sorted(n for n in stage.candidates if f"{index}/{n}" not in records)
-            raise RuntimeError(f"stage {index} ({stage.name}) is not complete (missing: {', '.join(missing)}); "
-                               "run it first")
+            raise RuntimeError(
+                f"stage {index} ({stage.name}) is not complete (missing: {', '.join(missing)}); run it first"
+            )
         settings.update(stage.candidates[winner])
     return settings
 
@@ -224,8 +292,18 @@ def write_report(path: Path, payload: Mapping[str, Any]) -> None:
                 rows.append([index, stage.name, name, "not run", "", "", cost, ""])
                 continue
             mark = " **(chosen)**" if name == winner else ""
-            rows.append([index, stage.name, name + mark, f"{r['val_accuracy']:.2f} ± {r['val_ci95']:.2f}",
-                         r["train_episodes"], r["best_step"], cost, r["train_seconds"]])
+            rows.append(
+                [
+                    index,
+                    stage.name,
+                    name + mark,
+                    f"{r['val_accuracy']:.2f} ± {r['val_ci95']:.2f}",
+                    r["train_episodes"],
+                    r["best_step"],
+                    cost,
+                    r["train_seconds"],
+                ]
+            )
     final = payload.get("chosen")
     text = [
         "# MAML on glyphs: validation-split search",
@@ -237,16 +315,27 @@ def write_report(path: Path, payload: Mapping[str, Any]) -> None:
         f"{payload['val_episodes']} seeded 5-way 1-shot episodes of the validation split (Greek). "
         "Each stage varies one axis around the best settings of the stages before it.",
         "",
-        markdown_table(["stage", "axis", "candidate", "val acc % ± CI95", "train episodes", "best step",
-                        "ms/episode", "train s"], rows),
+        markdown_table(
+            ["stage", "axis", "candidate", "val acc % ± CI95", "train episodes", "best step", "ms/episode", "train s"],
+            rows,
+        ),
         "",
-        "Why each axis: " + " ".join(f"({i}) {st.name}{' [equal time]' if st.equal_time else ''}: {st.why}."
-                                     for i, st in enumerate(STAGES, start=1)),
+        "Why each axis: "
+        + " ".join(
+            f"({i}) {st.name}{' [equal time]' if st.equal_time else ''}: {st.why}."
+            for i, st in enumerate(STAGES, start=1)
+        ),
         "",
     ]
     if final:
-        text += ["Chosen settings (all stages complete):", "", "```", *(f"{k}: {v}" for k, v in final.items()),
-                 "```", ""]
+        text += [
+            "Chosen settings (all stages complete):",
+            "",
+            "```",
+            *(f"{k}: {v}" for k, v in final.items()),
+            "```",
+            "",
+        ]
     path.write_text("\n".join(text))
 
 
@@ -274,10 +363,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     payload: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"records": {}, "stages": {}}
     for key in ("episodes", "val_episodes", "seed"):
         if key in payload and payload[key] != getattr(args, key):
-            p.error(f"{out} was measured with --{key.replace('_', '-')} {payload[key]}; "
-                    f"use the same or another --out")
-    payload.update(command=command_line("tune_glyphs", argv), episodes=args.episodes,
-                   val_episodes=args.val_episodes, seed=args.seed, jobs=args.jobs, threads=args.threads)
+            p.error(f"{out} was measured with --{key.replace('_', '-')} {payload[key]}; use the same or another --out")
+    payload.update(
+        command=command_line("tune_glyphs", argv),
+        episodes=args.episodes,
+        val_episodes=args.val_episodes,
+        seed=args.seed,
+        jobs=args.jobs,
+        threads=args.threads,
+    )
     records = payload["records"]
     for index in sorted(stages):
         stage = STAGES[index - 1]
@@ -296,15 +390,21 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         for k in list(todo):  # the same settings and budget measured before (e.g. the last winner): reuse
             name = list(stage.candidates)[k]
-            same = next((key for key, r in records.items() if r["settings"] == settings[k]
-                         and r["train_episodes"] == planned["train_episodes"][k]), None)
+            same = next(
+                (
+                    key
+                    for key, r in records.items()
+                    if r["settings"] == settings[k] and r["train_episodes"] == planned["train_episodes"][k]
+                ),
+                None,
+            )
             if same is not None:
                 records[f"{index}/{name}"] = {**records[same], "stage": stage.name, "reused_from": same}
                 print(f"  {index}/{name}: the run of {same} (same settings and budget)", flush=True)
                 todo.remove(k)
         write_json(out, payload)
 
-        def one(k: int) -> tuple[str, dict[str, Any]]:
+        def one(k: int, stage=stage, index=index, settings=settings, planned=planned) -> tuple[str, dict[str, Any]]:
             name = list(stage.candidates)[k]
             run_dir = Path(args.runs) / f"{index}-{name}"
             if run_dir.exists():  # a run killed earlier: start it again
@@ -314,8 +414,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for name, record in pool.map(one, todo):
                 records[f"{index}/{name}"] = {"stage": stage.name, **record}
-                print(f"  {index}/{name}: {record['val_accuracy']:.2f}% ± {record['val_ci95']:.2f} "
-                      f"({record['train_episodes']} episodes, {record['train_seconds']} s)", flush=True)
+                print(
+                    f"  {index}/{name}: {record['val_accuracy']:.2f}% ± {record['val_ci95']:.2f} "
+                    f"({record['train_episodes']} episodes, {record['train_seconds']} s)",
+                    flush=True,
+                )
                 write_json(out, payload)
         write_report(out.with_suffix(".md"), payload)
     if all(stage_winner(records, i) for i in range(1, len(STAGES) + 1)):

@@ -1,4 +1,5 @@
 """acdc-fewshot: few-shot meta-learning with ACDC (shared atom-coefficient) convolution backbones."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -8,14 +8,16 @@ the option's own ``type``/``choices``/``nargs``, so a file cannot smuggle in wha
 ``save_config(namespace, path)`` writes the resolved options as YAML that ``--config`` reads back.
 ``cli_main(fn)`` runs a script's ``main`` and turns our errors into one ``error: ...`` line (exit 2).
 """
+
 from __future__ import annotations
 
 import argparse
 import functools
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 
@@ -103,7 +105,11 @@ def _convert(value: Any, action: argparse.Action, key: str, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: key {key!r} expects a list, got {value!r}")
         items = [_convert_scalar(v, action, key, where) for v in value]
-        if isinstance(action.nargs, int) and not isinstance(action, argparse._AppendAction) and len(items) != action.nargs:
+        if (
+            isinstance(action.nargs, int)
+            and not isinstance(action, argparse._AppendAction)
+            and len(items) != action.nargs
+        ):
             raise ConfigError(f"{where}: key {key!r} expects {action.nargs} values, got {len(items)}")
         if action.nargs == "+" and not items:
             raise ConfigError(f"{where}: key {key!r} expects at least one value")
@@ -132,9 +138,7 @@ def config_defaults(parser: argparse.ArgumentParser, config: dict[str, Any], whe
     return defaults
 
 
-def parse_args_with_config(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
-) -> argparse.Namespace:
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` with ``parser``, taking defaults from ``--config FILE.yaml`` when given.
 
     Precedence: command-line flags > config file > the parser's own defaults. Options the parser marks
@@ -142,7 +146,9 @@ def parse_args_with_config(
     """
     if not any(CONFIG_DEST == a.dest for a in parser._actions):
         parser.add_argument(
-            "--config", metavar="FILE.yaml", default=None,
+            "--config",
+            metavar="FILE.yaml",
+            default=None,
             help="YAML file of option defaults (keys = option names); flags override it",
         )
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,9 +1,11 @@
 """The one place that turns test episodes into mean accuracy ± 95% confidence interval."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from tqdm import tqdm

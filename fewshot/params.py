@@ -18,12 +18,13 @@ Models are built on the ``meta`` device by default (shapes only, no memory, no i
 table takes about 10 s of CPU time, half of it importing torch; ``--device cpu`` builds real tensors
 instead.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -45,9 +46,9 @@ class Spec:
     network: str
     backbone: str
     num_classes: int
-    acdc: Optional[str]  # None = dense baseline
-    atoms: Optional[int]
-    group_size: Optional[int]
+    acdc: str | None  # None = dense baseline
+    atoms: int | None
+    group_size: int | None
     paper: float
     note: str = ""
 
@@ -76,14 +77,26 @@ class Row:
         return abs(self.diff) <= self.tolerance + 1e-12
 
 
-def _spec(table: str, network: str, backbone: str, classes: int, acdc: Optional[str], m: Optional[int],
-          s: Optional[int], paper: float, note: str = "") -> Spec:
+def _spec(
+    table: str,
+    network: str,
+    backbone: str,
+    classes: int,
+    acdc: str | None,
+    m: int | None,
+    s: int | None,
+    paper: float,
+    note: str = "",
+) -> Spec:
     return Spec(table, network, backbone, classes, acdc, m, s, paper, note)
 
 
 _VGG, _R18, _W404 = ("VGG16 (CIFAR)", "vgg16_cifar"), ("ResNet18 (CIFAR)", "resnet18_cifar"), ("WRN-40-4", "wrn40_4")
-_W2810, _R34, _R50 = ("WRN-28-10", "wrn28_10"), ("ResNet34 (ImageNet)", "resnet34_imagenet"), (
-    "ResNet50 (ImageNet)", "resnet50_imagenet")
+_W2810, _R34, _R50 = (
+    ("WRN-28-10", "wrn28_10"),
+    ("ResNet34 (ImageNet)", "resnet34_imagenet"),
+    ("ResNet50 (ImageNet)", "resnet50_imagenet"),
+)
 
 PARAM_SPECS: tuple[Spec, ...] = (
     _spec("1", *_VGG, 10, None, None, None, 14.72),
@@ -133,8 +146,14 @@ def count_parameters(model: nn.Module) -> int:
 def build(spec: Spec, device: str | torch.device = "meta") -> nn.Module:
     """The network of ``spec`` on ``device`` (atom-drop off: counting only)."""
     with torch.device(device):
-        return create_backbone(spec.backbone, acdc=spec.acdc, atoms=spec.atoms or 8, group_size=spec.group_size,
-                               num_classes=spec.num_classes, atom_drop=0.0)
+        return create_backbone(
+            spec.backbone,
+            acdc=spec.acdc,
+            atoms=spec.atoms or 8,
+            group_size=spec.group_size,
+            num_classes=spec.num_classes,
+            atom_drop=0.0,
+        )
 
 
 def _flops(model: nn.Module, batch: int, image_size: int, device: torch.device) -> int:
@@ -207,23 +226,41 @@ def format_rows(rows: Sequence[Row]) -> str:
             paper, ours, diff, exact = f"{s.paper:.2f}M", f"{r.ours:.3f}M", f"{r.diff:+.3f}M", f"{r.exact:,}"
         if s.note:
             exact += f"  ({s.note})"
-        lines.append((s.table, s.network, variant, _dash(s.atoms), _dash(s.group_size), paper, ours, diff,
-                      "yes" if r.ok else "NO", exact))
+        lines.append(
+            (
+                s.table,
+                s.network,
+                variant,
+                _dash(s.atoms),
+                _dash(s.group_size),
+                paper,
+                ours,
+                diff,
+                "yes" if r.ok else "NO",
+                exact,
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Print the table; return 0 if every row agrees with the paper within tolerance, else 1."""
     parser = argparse.ArgumentParser(prog="fewshot-params", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="meta", choices=("meta", "cpu"),
-                        help="where to build the networks (meta: shapes only, fastest)")
+    parser.add_argument(
+        "--device",
+        default="meta",
+        choices=("meta", "cpu"),
+        help="where to build the networks (meta: shapes only, fastest)",
+    )
     args = parser.parse_args(argv)
     rows = parameter_rows(args.device) + ratio_rows(args.device)
     print(format_rows(rows))
     bad = [r for r in rows if not r.ok]
-    print(f"\n{len(rows) - len(bad)}/{len(rows)} rows agree with the paper "
-          f"(tolerance: max(1%, 0.01M) for counts, 2% for ratios)")
+    print(
+        f"\n{len(rows) - len(bad)}/{len(rows)} rows agree with the paper "
+        f"(tolerance: max(1%, 0.01M) for counts, 2% for ratios)"
+    )
     return 1 if bad else 0
 
 

@@ -1,4 +1,5 @@
 """Small models and synthetic episodes shared by the tests."""
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,11 @@ class TinyNet(nn.Module):
 
 
 def make_episode(
-    ways: int = 3, shots: int = 2, queries: int = 3, size: int = 8, seed: int = 0,
+    ways: int = 3,
+    shots: int = 2,
+    queries: int = 3,
+    size: int = 8,
+    seed: int = 0,
     dtype: torch.dtype = torch.float64,
 ) -> Episode:
     """A synthetic episode whose classes differ by a per-channel mean."""

@@ -1,12 +1,20 @@
 """convert(): which convs are decomposed, sharing scopes, block inference, parameter counts, errors."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from fewshot.acdc import (SCOPES, ACDCConv2d, acdc_convs, convert, count_parameters,
-                          reconstruct_kernel, two_sublayer_forward)
+from fewshot.acdc import (
+    SCOPES,
+    ACDCConv2d,
+    acdc_convs,
+    convert,
+    count_parameters,
+    reconstruct_kernel,
+    two_sublayer_forward,
+)
 
 
 class TinyResNet(nn.Module):
@@ -32,10 +40,17 @@ class TinyResNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- scopes
-@pytest.mark.parametrize("scope,group_size,owners", [
-    ("net", None, 1), ("block", None, 2), ("layer", None, 5),
-    ("g-net", 4, 1), ("g-block", 4, 2), ("g-layer", 4, 5),
-])
+@pytest.mark.parametrize(
+    "scope,group_size,owners",
+    [
+        ("net", None, 1),
+        ("block", None, 2),
+        ("layer", None, 5),
+        ("g-net", 4, 1),
+        ("g-block", 4, 2),
+        ("g-layer", 4, 5),
+    ],
+)
 def test_every_scope_is_equivalent_to_dense_and_two_sublayer(scope, group_size, owners):
     torch.manual_seed(0)
     model = convert(TinyResNet(torch.float64), scope, atoms=5, group_size=group_size).eval()
@@ -74,8 +89,13 @@ def test_block_scope_follows_execution_order_channels_and_size():
 
 def test_block_boundary_on_spatial_size_only():
     """Same width, different feature-map size -> different blocks (VGG: 512 at 2x2 and at 1x1)."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(2),
-                          nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.Conv2d(4, 4, 3, padding=1),
+    )
     convert(model, "g-block", atoms=2, group_size=4)
     assert model[0].shared.coefficients is model[1].shared.coefficients
     assert model[3].shared.coefficients is model[4].shared.coefficients
@@ -149,8 +169,9 @@ def test_unreached_conv_is_reported():
 def test_conv_settings_bias_dtype_and_aliases_are_kept():
     torch.manual_seed(0)
     shared_conv = nn.Conv2d(4, 4, 3, padding="same", padding_mode="reflect", dtype=torch.float64)
-    model = nn.Sequential(nn.Conv2d(3, 4, (3, 5), stride=(2, 1), padding=(1, 2), dtype=torch.float64),
-                          shared_conv, nn.ReLU(), shared_conv)  # the same conv registered twice
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, (3, 5), stride=(2, 1), padding=(1, 2), dtype=torch.float64), shared_conv, nn.ReLU(), shared_conv
+    )  # the same conv registered twice
     bias = model[0].bias.detach().clone()
     convert(model, "layer", atoms=3)
     c = model[0]
@@ -164,8 +185,7 @@ def test_conv_settings_bias_dtype_and_aliases_are_kept():
 
 def test_first_7x7_stem_stays_dense_unless_asked():
     def net():
-        return nn.Sequential(nn.Conv2d(3, 8, 7, stride=2, padding=3), nn.Conv2d(8, 8, 7, padding=3),
-                             nn.Conv2d(8, 8, 1))
+        return nn.Sequential(nn.Conv2d(3, 8, 7, stride=2, padding=3), nn.Conv2d(8, 8, 7, padding=3), nn.Conv2d(8, 8, 1))
 
     model = convert(net(), "net", atoms=2)
     assert type(model[0]) is nn.Conv2d and isinstance(model[1], ACDCConv2d) and type(model[2]) is nn.Conv2d
@@ -185,11 +205,14 @@ def _resnet18_dense_rest() -> int:
     return stem + downsample + 2 * bn_channels + fc
 
 
-@pytest.mark.parametrize("scope,m,s,decomposed_part", [
-    ("net", 8, None, 512 * 512 * 8 + 16 * 8 * 9),
-    ("block", 4, None, (64 * 64 + 128 * 128 + 256 * 256 + 512 * 512) * 4 + 16 * 4 * 9),
-    ("g-net", 16, 64, 64 * 64 * 16 + (4 * 1 + 4 * 2 + 4 * 4 + 4 * 8) * 16 * 9),
-])
+@pytest.mark.parametrize(
+    "scope,m,s,decomposed_part",
+    [
+        ("net", 8, None, 512 * 512 * 8 + 16 * 8 * 9),
+        ("block", 4, None, (64 * 64 + 128 * 128 + 256 * 256 + 512 * 512) * 4 + 16 * 4 * 9),
+        ("g-net", 16, 64, 64 * 64 * 16 + (4 * 1 + 4 * 2 + 4 * 4 + 4 * 8) * 16 * 9),
+    ],
+)
 def test_torchvision_resnet18(scope, m, s, decomposed_part):
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
@@ -213,20 +236,31 @@ def test_torchvision_resnet18_decomposed_stem_counts():
 
 
 # ---------------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(scope="stage"), "unknown ACDC scope 'stage'; valid scopes: net, block, layer, g-net, g-block, g-layer"),
-    (dict(scope="net", atoms=0), "atoms must be an integer >= 1, got 0"),
-    (dict(scope="net", atoms=2.5), "atoms must be an integer >= 1, got 2.5"),
-    (dict(scope="g-net"), "scope 'g-net' needs group_size= (channels per filter group, e.g. 32 or 64)"),
-    (dict(scope="block", group_size=4),
-     "group_size=4 is only used by the grouped scopes g-net, g-block, g-layer; scope 'block' takes group_size=None"),
-    (dict(scope="g-layer", group_size=0), "group_size must be an integer >= 1, got 0"),
-    (dict(scope="net", atom_drop=1.0), "atom_drop must be a number in [0, 1), got 1.0"),
-    (dict(scope="g-net", group_size=3),
-     "layer 'stem' (3 -> 8 channels) cannot use scope 'g-net': out_channels=8 is not divisible by group_size=3"),
-    (dict(scope="g-block", group_size=6),
-     "layer 'stem' (3 -> 8 channels) cannot use scope 'g-block': out_channels=8 is not divisible by group_size=6"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(scope="stage"), "unknown ACDC scope 'stage'; valid scopes: net, block, layer, g-net, g-block, g-layer"),
+        (dict(scope="net", atoms=0), "atoms must be an integer >= 1, got 0"),
+        (dict(scope="net", atoms=2.5), "atoms must be an integer >= 1, got 2.5"),
+        (dict(scope="g-net"), "scope 'g-net' needs group_size= (channels per filter group, e.g. 32 or 64)"),
+        (
+            dict(scope="block", group_size=4),
+            "group_size=4 is only used by the grouped scopes g-net, g-block, g-layer; "
+            "scope 'block' takes group_size=None",
+        ),
+        (dict(scope="g-layer", group_size=0), "group_size must be an integer >= 1, got 0"),
+        (dict(scope="net", atom_drop=1.0), "atom_drop must be a number in [0, 1), got 1.0"),
+        (
+            dict(scope="g-net", group_size=3),
+            "layer 'stem' (3 -> 8 channels) cannot use scope 'g-net': out_channels=8 is not divisible by group_size=3",
+        ),
+        (
+            dict(scope="g-block", group_size=6),
+            "layer 'stem' (3 -> 8 channels) cannot use scope 'g-block': "
+            "out_channels=8 is not divisible by group_size=6",
+        ),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError) as info:
         convert(TinyResNet(), **kwargs)
@@ -239,8 +273,11 @@ def test_scopes_constant():
 
 def test_unsupported_models_are_refused_by_name():
     depthwise = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8))
-    with pytest.raises(ValueError, match=r"layer '1' is a grouped conv \(groups=8, kernel \(3, 3\)\); ACDC "
-                                         r"decomposes only convs with groups=1"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer '1' is a grouped conv \(groups=8, kernel \(3, 3\)\); ACDC "
+        r"decomposes only convs with groups=1",
+    ):
         convert(depthwise, "net")
     convert(nn.Sequential(nn.Conv2d(8, 8, 1, groups=4), nn.Conv2d(8, 8, 3)), "net")  # grouped 1x1 stays dense
 

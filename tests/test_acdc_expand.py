@@ -1,4 +1,5 @@
 """expand(): relaxing the sharing scope and adding atoms keeps the function and inherits the tensors."""
+
 import pytest
 import torch
 from torch import nn
@@ -109,19 +110,34 @@ def test_expand_without_change_returns_model_untouched():
     assert expand(model) is model and list(model.parameters()) == params
 
 
-@pytest.mark.parametrize("old,kwargs,message", [
-    ("layer", dict(scope="net"), "cannot tighten sharing from 'layer' to 'net'; expand() only relaxes it: "
-                                 "net -> block -> layer"),
-    ("block", dict(scope="net"), "cannot tighten sharing from 'block' to 'net'"),
-    ("g-layer", dict(scope="g-block"), "cannot tighten sharing from 'g-layer' to 'g-block'; expand() only "
-                                       "relaxes it: g-net -> g-block -> g-layer"),
-    ("net", dict(scope="g-net"), "cannot expand scope 'net' to 'g-net': grouped (g-*) and plain scopes do not "
-                                 "turn into each other"),
-    ("net", dict(atoms=3), "cannot reduce atoms from 4 to 3; expand() only adds atoms"),
-    ("net", dict(atoms=0), "atoms must be an integer >= 1, got 0"),
-    ("net", dict(scope="stage"),
-     "unknown ACDC scope 'stage'; valid scopes: net, block, layer, g-net, g-block, g-layer"),
-])
+@pytest.mark.parametrize(
+    "old,kwargs,message",
+    [
+        (
+            "layer",
+            dict(scope="net"),
+            "cannot tighten sharing from 'layer' to 'net'; expand() only relaxes it: net -> block -> layer",
+        ),
+        ("block", dict(scope="net"), "cannot tighten sharing from 'block' to 'net'"),
+        (
+            "g-layer",
+            dict(scope="g-block"),
+            "cannot tighten sharing from 'g-layer' to 'g-block'; expand() only relaxes it: g-net -> g-block -> g-layer",
+        ),
+        (
+            "net",
+            dict(scope="g-net"),
+            "cannot expand scope 'net' to 'g-net': grouped (g-*) and plain scopes do not turn into each other",
+        ),
+        ("net", dict(atoms=3), "cannot reduce atoms from 4 to 3; expand() only adds atoms"),
+        ("net", dict(atoms=0), "atoms must be an integer >= 1, got 0"),
+        (
+            "net",
+            dict(scope="stage"),
+            "unknown ACDC scope 'stage'; valid scopes: net, block, layer, g-net, g-block, g-layer",
+        ),
+    ],
+)
 def test_expand_errors(old, kwargs, message):
     model = trained(old, 4, 4 if old.startswith("g-") else None)
     with pytest.raises(ValueError) as info:

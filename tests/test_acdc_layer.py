@@ -1,4 +1,5 @@
 """ACDCConv2d: equivalence with the dense kernel and the two-sub-layer form, init, atom-drop, errors."""
+
 import math
 
 import pytest
@@ -15,9 +16,17 @@ def dense_reference(conv: ACDCConv2d, x: torch.Tensor) -> torch.Tensor:
     k = reconstruct_kernel(conv)
     if conv.padding_mode == "zeros":
         return F.conv2d(x, k, conv.bias, conv.stride, conv.padding, conv.dilation)
-    ref = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                          dtype=torch.float64)
+    ref = torch.nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        dtype=torch.float64,
+    )
     with torch.no_grad():
         ref.weight.copy_(k)
         if conv.bias is not None:
@@ -82,11 +91,11 @@ def test_grouped_layout_uses_blocks_and_shuffle():
         i = j // 2  # input group feeding output group j
         for t in range(2):
             row = k[t * 4 + j]
-            assert row[2 * i:2 * i + 2].abs().sum() > 0
-            others = torch.cat([row[:2 * i], row[2 * i + 2:]])
+            assert row[2 * i : 2 * i + 2].abs().sum() > 0
+            others = torch.cat([row[: 2 * i], row[2 * i + 2 :]])
             assert others.abs().sum() == 0
             expected = torch.einsum("ik,khw->ihw", conv.shared.coefficients[t], conv.atoms[j])
-            assert torch.allclose(row[2 * i:2 * i + 2], expected, atol=1e-14)
+            assert torch.allclose(row[2 * i : 2 * i + 2], expected, atol=1e-14)
 
 
 def test_atoms_orthogonal_and_coefficients_kaiming():
@@ -107,9 +116,11 @@ def test_atoms_orthogonal_and_coefficients_kaiming():
 def test_shared_coefficient_gradient_is_sum_of_layer_contributions():
     torch.manual_seed(0)
     shared = SharedCoefficients(6, 6, 4, dtype=torch.float64)
-    convs = [ACDCConv2d(3, 6, 3, shared=shared, padding=1, dtype=torch.float64).eval(),
-             ACDCConv2d(6, 6, (3, 1), shared=shared, padding=(1, 0), dtype=torch.float64).eval(),
-             ACDCConv2d(6, 4, 3, shared=shared, stride=2, dtype=torch.float64).eval()]
+    convs = [
+        ACDCConv2d(3, 6, 3, shared=shared, padding=1, dtype=torch.float64).eval(),
+        ACDCConv2d(6, 6, (3, 1), shared=shared, padding=(1, 0), dtype=torch.float64).eval(),
+        ACDCConv2d(6, 4, 3, shared=shared, stride=2, dtype=torch.float64).eval(),
+    ]
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
 
     def loss_fn(layers_and_coefs):
@@ -118,12 +129,12 @@ def test_shared_coefficient_gradient_is_sum_of_layer_contributions():
             rows, cols = conv.coefficient_shape
             w = torch.einsum("oik,khw->oihw", a[:rows, :cols], conv.atoms)
             h = torch.tanh(F.conv2d(h, w, conv.bias, conv.stride, conv.padding))
-        return (h ** 2).sum()
+        return (h**2).sum()
 
     h = x
     for conv in convs:
         h = torch.tanh(conv(h))
-    (h ** 2).sum().backward()
+    (h**2).sum().backward()
     # manual: every layer gets its own leaf copy of A; the shared gradient must be the sum of theirs
     copies = [shared.coefficients.detach().clone().requires_grad_() for _ in convs]
     loss_fn(list(zip(convs, copies))).backward()
@@ -164,7 +175,7 @@ def test_atom_drop_training_kernels_are_unbiased(group_size):
         terms = torch.einsum("oik,khw->koihw", a, conv.atoms)
     else:
         terms = torch.einsum("oik,gkhw->kgoihw", a, conv.atoms).reshape(8, *clean.shape)
-    sigma = (p / (1 - p) * (terms ** 2).sum(0) / draws).sqrt()
+    sigma = (p / (1 - p) * (terms**2).sum(0) / draws).sqrt()
     err = (kernels.mean(0) - clean).abs()
     assert (err <= 5 * sigma + 1e-12).all()
     # an unscaled (biased) drop would be off by p * K: far outside the bound
@@ -197,19 +208,24 @@ def test_atom_mask_reference_matches_forward():
     assert (y - F.conv2d(x, reconstruct_kernel(conv, mask), conv.bias, 1, 1)).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(atom_drop=1.0), "atom_drop must be a number in [0, 1), got 1.0"),
-    (dict(atom_drop=-0.1), "atom_drop must be a number in [0, 1), got -0.1"),
-    (dict(padding="full"), "padding must be 'same', 'valid', an int or a pair of ints, got 'full'"),
-    (dict(padding="same", stride=2), "padding='same' needs stride 1, got stride=(2, 2)"),
-    (dict(padding_mode="mirror"), "padding_mode must be one of zeros, reflect, replicate, circular; got 'mirror'"),
-    (dict(atoms=0), "atoms must be an integer >= 1, got 0"),
-    (dict(atoms=None), "ACDCConv2d needs atoms=<m> when no shared coefficients are given"),
-    (dict(group_size=3), "ACDCConv2d(4, 8): out_channels=8 is not divisible by group_size=3"),
-    (dict(group_size=8, in_channels=12, out_channels=16), "in_channels=12 is not divisible by group_size=8"),
-    (dict(group_size=4, in_channels=8, out_channels=4),
-     "out_channels=4 is not a multiple of in_channels=8; grouped ACDC supports layers that keep or multiply"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(atom_drop=1.0), "atom_drop must be a number in [0, 1), got 1.0"),
+        (dict(atom_drop=-0.1), "atom_drop must be a number in [0, 1), got -0.1"),
+        (dict(padding="full"), "padding must be 'same', 'valid', an int or a pair of ints, got 'full'"),
+        (dict(padding="same", stride=2), "padding='same' needs stride 1, got stride=(2, 2)"),
+        (dict(padding_mode="mirror"), "padding_mode must be one of zeros, reflect, replicate, circular; got 'mirror'"),
+        (dict(atoms=0), "atoms must be an integer >= 1, got 0"),
+        (dict(atoms=None), "ACDCConv2d needs atoms=<m> when no shared coefficients are given"),
+        (dict(group_size=3), "ACDCConv2d(4, 8): out_channels=8 is not divisible by group_size=3"),
+        (dict(group_size=8, in_channels=12, out_channels=16), "in_channels=12 is not divisible by group_size=8"),
+        (
+            dict(group_size=4, in_channels=8, out_channels=4),
+            "out_channels=4 is not a multiple of in_channels=8; grouped ACDC supports layers that keep or multiply",
+        ),
+    ],
+)
 def test_bad_layer_arguments(kwargs, message):
     args = dict(in_channels=4, out_channels=8, kernel_size=3, atoms=4)
     args.update(kwargs)
@@ -220,8 +236,11 @@ def test_bad_layer_arguments(kwargs, message):
 
 def test_shared_too_small_and_atom_mismatch():
     shared = SharedCoefficients(4, 4, 3)
-    with pytest.raises(ValueError, match=r"shared coefficients of shape \(4, 4, 3\) are too small for a layer "
-                                         r"that uses A\[:8, :4\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"shared coefficients of shape \(4, 4, 3\) are too small for a layer "
+        r"that uses A\[:8, :4\]",
+    ):
         ACDCConv2d(4, 8, 3, shared=shared)
     with pytest.raises(ValueError, match="atoms=5 but the shared coefficients hold 3 atoms"):
         ACDCConv2d(4, 4, 3, atoms=5, shared=shared)
@@ -242,7 +261,7 @@ def test_two_stage_gradients_equal_kernel_path_to_second_order(c_in, c_out, kern
     def derivatives(path: str) -> list[torch.Tensor]:
         force_path(conv, path)
         first = torch.autograd.grad(conv(x).sin().sum(), inputs, create_graph=True)
-        penalty = sum((g ** 2).sum() for g in first)  # a second-order quantity, as in MAML
+        penalty = sum((g**2).sum() for g in first)  # a second-order quantity, as in MAML
         return [*first, *torch.autograd.grad(penalty, inputs)]
 
     for a, b in zip(derivatives("kernel"), derivatives("two-stage")):

@@ -1,5 +1,6 @@
 """The shared coefficient tensor stays one tensor through naming, state_dict, deepcopy, .to(),
 torch.func.functional_call and higher."""
+
 import copy
 import io
 
@@ -13,9 +14,15 @@ from fewshot.acdc import acdc_convs, acdc_named_parameters, acdc_parameters, con
 
 
 def small_net(dtype=torch.float64) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, dtype=dtype), nn.ReLU(),
-                         nn.Conv2d(4, 8, 3, stride=2, padding=1, dtype=dtype), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, padding=1, dtype=dtype), nn.Flatten(), nn.LazyLinear(3, dtype=dtype))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, dtype=dtype),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 3, stride=2, padding=1, dtype=dtype),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, dtype=dtype),
+        nn.Flatten(),
+        nn.LazyLinear(3, dtype=dtype),
+    )
 
 
 def converted(scope="net", seed=0, **kw) -> nn.Module:
@@ -115,8 +122,9 @@ def test_higher_inner_loop_uses_one_fast_coefficient_tensor():
         index = [i for i, p in enumerate(params) if p is model[0].shared.coefficients][0]
         fast_a = fast[index]
         # the patched model's output equals the model run with the fast weights in every layer
-        expected = torch.func.functional_call(model, {n: fast[i] for i, (n, _) in
-                                                      enumerate(model.named_parameters())}, (x,))
+        expected = torch.func.functional_call(
+            model, {n: fast[i] for i, (n, _) in enumerate(model.named_parameters())}, (x,)
+        )
         query = fmodel(x)
         assert (query - expected).abs().max() <= 1e-12
         meta = F.mse_loss(query, target)

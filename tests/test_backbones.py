@@ -1,5 +1,6 @@
 """Backbones: names, Chen et al.'s parameter counts, feature shapes, heads, torchvision equivalence, ACDC
 conversion (scopes, block structure) and every error message."""
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,19 @@ import fewshot
 from fewshot.backbones import backbone_options, create_backbone, list_backbones, register_backbone
 
 NAMES = [
-    "conv4", "resnet10", "resnet18", "resnet18_cifar", "resnet18_imagenet", "resnet34", "resnet34_imagenet",
-    "resnet50_imagenet", "vgg16_cifar", "wrn", "wrn28_10", "wrn40_1", "wrn40_4",
+    "conv4",
+    "resnet10",
+    "resnet18",
+    "resnet18_cifar",
+    "resnet18_imagenet",
+    "resnet34",
+    "resnet34_imagenet",
+    "resnet50_imagenet",
+    "vgg16_cifar",
+    "wrn",
+    "wrn28_10",
+    "wrn40_1",
+    "wrn40_4",
 ]
 
 
@@ -34,30 +46,45 @@ def test_registry_lists_every_backbone_and_fewshot_exports_it():
     assert fewshot.create_backbone is create_backbone and fewshot.list_backbones is list_backbones
 
 
-@pytest.mark.parametrize("name, count", [
-    ("conv4", 113_088), ("resnet10", 4_905_792), ("resnet18", 11_176_512), ("resnet34", 21_284_672),
-])
+@pytest.mark.parametrize(
+    "name, count",
+    [
+        ("conv4", 113_088),
+        ("resnet10", 4_905_792),
+        ("resnet18", 11_176_512),
+        ("resnet34", 21_284_672),
+    ],
+)
 def test_chen_et_al_feature_extractor_parameter_counts(name, count):
     assert n_params(meta(name)) == count
 
 
-@pytest.mark.parametrize("name, kw, count", [
-    ("resnet18_cifar", dict(num_classes=10), 11_173_962),
-    ("vgg16_cifar", dict(num_classes=10), 14_724_042),  # convs without bias (BatchNorm follows)
-    ("wrn40_4", dict(num_classes=10), 8_949_210),
-    ("wrn28_10", dict(num_classes=10), 36_479_194),
-    ("wrn40_1", dict(num_classes=10), 563_930),
-    ("resnet34_imagenet", {}, 21_284_672),
-    ("resnet50_imagenet", {}, 23_508_032),
-])
+@pytest.mark.parametrize(
+    "name, kw, count",
+    [
+        ("resnet18_cifar", dict(num_classes=10), 11_173_962),
+        ("vgg16_cifar", dict(num_classes=10), 14_724_042),  # convs without bias (BatchNorm follows)
+        ("wrn40_4", dict(num_classes=10), 8_949_210),
+        ("wrn28_10", dict(num_classes=10), 36_479_194),
+        ("wrn40_1", dict(num_classes=10), 563_930),
+        ("resnet34_imagenet", {}, 21_284_672),
+        ("resnet50_imagenet", {}, 23_508_032),
+    ],
+)
 def test_classification_stack_parameter_counts(name, kw, count):
     assert n_params(meta(name, **kw)) == count
 
 
 @pytest.mark.parametrize("name", ["resnet10", "resnet18", "resnet34"])
-@pytest.mark.parametrize("stem, size, spatial", [
-    ("imagenet", 84, 3), ("imagenet", 224, 7), ("small", 84, 11), ("small", 224, 28),
-])
+@pytest.mark.parametrize(
+    "stem, size, spatial",
+    [
+        ("imagenet", 84, 3),
+        ("imagenet", 224, 7),
+        ("small", 84, 11),
+        ("small", 224, 28),
+    ],
+)
 def test_fewshot_resnet_features_at_84_and_224_with_both_stems(name, stem, size, spatial):
     model = meta(name, stem=stem)
     x = torch.zeros(2, 3, size, size, device="meta")
@@ -86,18 +113,21 @@ def test_conv4_flattens_like_chen_et_al(size, in_channels, features):
 
 # ------------------------------------------------------------------------------------------------
 # forward_map: the last feature map, from which forward_features is pooled / flattened
-@pytest.mark.parametrize("name, kw, size, shape", [
-    ("conv4", dict(image_size=28, width=8, in_channels=1), 28, (8, 1, 1)),
-    ("conv4", dict(image_size=84, width=8), 84, (8, 5, 5)),
-    ("conv4", dict(image_size=40, width=4), 40, (4, 2, 2)),
-    ("resnet10", dict(stem="small", width=4, in_channels=1), 28, (32, 4, 4)),
-    ("resnet10", dict(stem="imagenet", width=4), 84, (32, 3, 3)),
-    ("resnet10", dict(stem="imagenet", width=2), 224, (16, 7, 7)),
-    ("resnet18", dict(stem="small", width=2), 21, (16, 3, 3)),
-    ("vgg16_cifar", {}, 32, (512, 1, 1)),
-    ("vgg16_cifar", {}, 70, (512, 2, 2)),
-    ("wrn", dict(depth=10, widen_factor=1), 30, (64, 8, 8)),
-])
+@pytest.mark.parametrize(
+    "name, kw, size, shape",
+    [
+        ("conv4", dict(image_size=28, width=8, in_channels=1), 28, (8, 1, 1)),
+        ("conv4", dict(image_size=84, width=8), 84, (8, 5, 5)),
+        ("conv4", dict(image_size=40, width=4), 40, (4, 2, 2)),
+        ("resnet10", dict(stem="small", width=4, in_channels=1), 28, (32, 4, 4)),
+        ("resnet10", dict(stem="imagenet", width=4), 84, (32, 3, 3)),
+        ("resnet10", dict(stem="imagenet", width=2), 224, (16, 7, 7)),
+        ("resnet18", dict(stem="small", width=2), 21, (16, 3, 3)),
+        ("vgg16_cifar", {}, 32, (512, 1, 1)),
+        ("vgg16_cifar", {}, 70, (512, 2, 2)),
+        ("wrn", dict(depth=10, widen_factor=1), 30, (64, 8, 8)),
+    ],
+)
 def test_feature_map_shape_is_the_shape_forward_map_returns(name, kw, size, shape):
     model = meta(name, **kw)
     assert model.feature_map_shape(size) == shape
@@ -106,21 +136,26 @@ def test_feature_map_shape_is_the_shape_forward_map_returns(name, kw, size, shap
 
 
 @pytest.mark.parametrize("acdc", [None, "net"])
-@pytest.mark.parametrize("name, kw, size, reduce", [
-    ("conv4", dict(image_size=84, width=8), 84, "flatten"),
-    ("conv4", dict(image_size=28, width=8, in_channels=1), 28, "flatten"),
-    ("resnet10", dict(stem="small", width=4, in_channels=1), 28, "mean"),
-    ("resnet10", dict(stem="imagenet", width=4), 84, "mean"),
-    ("vgg16_cifar", {}, 64, "mean"),
-    ("wrn", dict(depth=10, widen_factor=1), 16, "mean"),
-])
+@pytest.mark.parametrize(
+    "name, kw, size, reduce",
+    [
+        ("conv4", dict(image_size=84, width=8), 84, "flatten"),
+        ("conv4", dict(image_size=28, width=8, in_channels=1), 28, "flatten"),
+        ("resnet10", dict(stem="small", width=4, in_channels=1), 28, "mean"),
+        ("resnet10", dict(stem="imagenet", width=4), 84, "mean"),
+        ("vgg16_cifar", {}, 64, "mean"),
+        ("wrn", dict(depth=10, widen_factor=1), 16, "mean"),
+    ],
+)
 def test_forward_map_pooled_or_flattened_is_forward(name, kw, size, reduce, acdc):
     torch.manual_seed(0)
     model = create_backbone(name, acdc=acdc, **kw).eval()
     x = torch.randn(3, kw.get("in_channels", 3), size, size)
     maps = model.forward_map(x)
-    assert maps.dim() == 4 and maps.shape[1] * (maps.shape[2] * maps.shape[3] if reduce == "flatten" else 1) == \
-        model.out_features
+    assert (
+        maps.dim() == 4
+        and maps.shape[1] * (maps.shape[2] * maps.shape[3] if reduce == "flatten" else 1) == model.out_features
+    )
     pooled = maps.flatten(1) if reduce == "flatten" else maps.mean(dim=(2, 3))
     torch.testing.assert_close(pooled, model(x))
     assert maps.abs().sum() > 0  # not a degenerate all-zero map that would match trivially
@@ -153,9 +188,16 @@ def test_conv4_blocks_are_conv_with_bias_bn_relu_maxpool():
         assert isinstance(bn, nn.BatchNorm2d) and isinstance(relu, nn.ReLU) and isinstance(pool, nn.MaxPool2d)
 
 
-@pytest.mark.parametrize("name, features", [
-    ("resnet18_cifar", 512), ("vgg16_cifar", 512), ("wrn40_4", 256), ("wrn28_10", 640), ("wrn40_1", 64),
-])
+@pytest.mark.parametrize(
+    "name, features",
+    [
+        ("resnet18_cifar", 512),
+        ("vgg16_cifar", 512),
+        ("wrn40_4", 256),
+        ("wrn28_10", 640),
+        ("wrn40_1", 64),
+    ],
+)
 def test_cifar_networks_at_32px(name, features):
     model = meta(name, num_classes=10)
     x = torch.zeros(2, 3, 32, 32, device="meta")
@@ -222,28 +264,34 @@ def test_unknown_option_lists_the_valid_options():
         create_backbone("wrn40_4", depth=16, widen=2)
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(num_classes=-1), "num_classes must be an integer >= 0, got -1"),
-    (dict(num_classes=2.0), "num_classes must be an integer >= 0, got 2.0"),
-    (dict(atoms=0), "atoms must be an integer >= 1, got 0"),
-    (dict(atoms="8"), "atoms must be an integer >= 1, got '8'"),
-    (dict(atom_drop=1.0), "atom_drop must be a probability in [0, 1), got 1.0"),
-    (dict(group_size=16), "group_size=16 needs a grouped ACDC scope (g-net, g-block, g-layer); got acdc=None"),
-    (dict(decompose_stem=True), "decompose_stem=True needs an ACDC scope; got acdc=None"),
-    (dict(stem="cifar"), "unknown ResNet stem 'cifar'; valid: imagenet, small"),
-    (dict(in_channels=0), "in_channels must be an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(num_classes=-1), "num_classes must be an integer >= 0, got -1"),
+        (dict(num_classes=2.0), "num_classes must be an integer >= 0, got 2.0"),
+        (dict(atoms=0), "atoms must be an integer >= 1, got 0"),
+        (dict(atoms="8"), "atoms must be an integer >= 1, got '8'"),
+        (dict(atom_drop=1.0), "atom_drop must be a probability in [0, 1), got 1.0"),
+        (dict(group_size=16), "group_size=16 needs a grouped ACDC scope (g-net, g-block, g-layer); got acdc=None"),
+        (dict(decompose_stem=True), "decompose_stem=True needs an ACDC scope; got acdc=None"),
+        (dict(stem="cifar"), "unknown ResNet stem 'cifar'; valid: imagenet, small"),
+        (dict(in_channels=0), "in_channels must be an integer >= 1, got 0"),
+    ],
+)
 def test_bad_arguments_raise_one_clear_error(kw, message):
     with error(message):
         create_backbone("resnet10", **kw)
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(depth=41), "wrn: depth must be 6n+4 (10, 16, 22, 28, 34, 40, ...), got 41"),
-    (dict(depth=4), "wrn: depth must be an integer >= 10, got 4"),
-    (dict(widen_factor=0), "wrn: widen_factor must be an integer >= 1, got 0"),
-    (dict(dropout=1.5), "wrn: dropout must be in [0, 1), got 1.5"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(depth=41), "wrn: depth must be 6n+4 (10, 16, 22, 28, 34, 40, ...), got 41"),
+        (dict(depth=4), "wrn: depth must be an integer >= 10, got 4"),
+        (dict(widen_factor=0), "wrn: widen_factor must be an integer >= 1, got 0"),
+        (dict(dropout=1.5), "wrn: dropout must be in [0, 1), got 1.5"),
+    ],
+)
 def test_bad_wrn_shapes(kw, message):
     with error(message):
         create_backbone("wrn", **kw)
@@ -276,10 +324,17 @@ def owners(model: nn.Module) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-@pytest.mark.parametrize("scope, group_size, n_owners", [
-    ("net", None, 1), ("block", None, 4), ("layer", None, 9),
-    ("g-net", 32, 1), ("g-block", 32, 4), ("g-layer", 32, 9),
-])
+@pytest.mark.parametrize(
+    "scope, group_size, n_owners",
+    [
+        ("net", None, 1),
+        ("block", None, 4),
+        ("layer", None, 9),
+        ("g-net", 32, 1),
+        ("g-block", 32, 4),
+        ("g-layer", 32, 9),
+    ],
+)
 def test_every_acdc_scope_builds_resnet10_and_forwards(scope, group_size, n_owners):
     assert SCOPES == ("net", "block", "layer", "g-net", "g-block", "g-layer")
     torch.manual_seed(0)
@@ -293,13 +348,16 @@ def test_every_acdc_scope_builds_resnet10_and_forwards(scope, group_size, n_owne
     assert out.shape == (2, 5) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name, kw, shapes", [
-    ("resnet18_cifar", {}, [(64, 64), (128, 128), (256, 256), (512, 512)]),  # one per stage
-    ("resnet50_imagenet", {}, [(64, 64), (128, 128), (256, 256), (512, 512)]),  # bottleneck 3x3s only
-    ("vgg16_cifar", {}, [(64, 64), (128, 128), (256, 256), (512, 512), (512, 512)]),  # VGG16: 5
-    ("wrn40_4", {}, [(64, 64), (128, 128), (256, 256)]),  # WRN: 3 (the 3->16 stem joins group 1)
-    ("conv4", {}, [(64, 3), (64, 64), (64, 64), (64, 64)]),  # the map halves after every conv: block = layer
-])
+@pytest.mark.parametrize(
+    "name, kw, shapes",
+    [
+        ("resnet18_cifar", {}, [(64, 64), (128, 128), (256, 256), (512, 512)]),  # one per stage
+        ("resnet50_imagenet", {}, [(64, 64), (128, 128), (256, 256), (512, 512)]),  # bottleneck 3x3s only
+        ("vgg16_cifar", {}, [(64, 64), (128, 128), (256, 256), (512, 512), (512, 512)]),  # VGG16: 5
+        ("wrn40_4", {}, [(64, 64), (128, 128), (256, 256)]),  # WRN: 3 (the 3->16 stem joins group 1)
+        ("conv4", {}, [(64, 3), (64, 64), (64, 64), (64, 64)]),  # the map halves after every conv: block = layer
+    ],
+)
 def test_block_scope_has_the_papers_block_structure(name, kw, shapes):
     model = meta(name, acdc="block", atoms=8, **kw)
     assert [tuple(o.shape) for o in owners(model)] == [s + (8,) for s in shapes]
@@ -327,7 +385,9 @@ def test_imagenet_stem_stays_dense_unless_decompose_stem():
     assert type(model.conv1) is nn.Conv2d and model.conv1.kernel_size == (7, 7)
     model = meta("resnet18", acdc="block", decompose_stem=True)
     assert isinstance(model.conv1, ACDCConv2d)
-    assert model.conv1.shared.coefficients is model.layer1[0].conv1.shared.coefficients  # the stem joins the first stage's block
+    assert (
+        model.conv1.shared.coefficients is model.layer1[0].conv1.shared.coefficients
+    )  # the stem joins the first stage's block
 
 
 def _conv4(acdc: str | None) -> nn.Module:
@@ -369,6 +429,7 @@ def test_backbone_works_with_functional_call(acdc):
 @pytest.mark.parametrize("acdc", [None, "net"])
 def test_backbone_works_with_higher(acdc):
     import higher
+
     model = _conv4(acdc)
     x = torch.randn(3, 3, 28, 28)
     reference = model(x).detach()
@@ -379,15 +440,20 @@ def test_backbone_works_with_higher(acdc):
     torch.testing.assert_close(model(x), reference)
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(acdc="stage"), "unknown acdc scope 'stage'; valid: none, net, block, layer, g-net, g-block, g-layer"),
-    (dict(acdc="net", group_size=32),
-     "group_size=32 applies only to the grouped scopes (g-net, g-block, g-layer); got acdc='net'"),
-    (dict(acdc="g-net"), "acdc='g-net' needs group_size= (channels per filter group, e.g. 32 or 64)"),
-    (dict(acdc="g-net", group_size=0), "group_size must be an integer >= 1, got 0"),
-    (dict(acdc="net", atoms=0), "atoms must be an integer >= 1, got 0"),
-    (dict(acdc="net", atom_drop=-0.1), "atom_drop must be a probability in [0, 1), got -0.1"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(acdc="stage"), "unknown acdc scope 'stage'; valid: none, net, block, layer, g-net, g-block, g-layer"),
+        (
+            dict(acdc="net", group_size=32),
+            "group_size=32 applies only to the grouped scopes (g-net, g-block, g-layer); got acdc='net'",
+        ),
+        (dict(acdc="g-net"), "acdc='g-net' needs group_size= (channels per filter group, e.g. 32 or 64)"),
+        (dict(acdc="g-net", group_size=0), "group_size must be an integer >= 1, got 0"),
+        (dict(acdc="net", atoms=0), "atoms must be an integer >= 1, got 0"),
+        (dict(acdc="net", atom_drop=-0.1), "atom_drop must be a probability in [0, 1), got -0.1"),
+    ],
+)
 def test_bad_acdc_arguments_raise_one_clear_error(kw, message):
     with error(message):
         create_backbone("resnet10", **kw)

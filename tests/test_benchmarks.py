@@ -1,4 +1,5 @@
 """Smoke runs of the benchmark scripts at tiny sizes: JSON keys, equivalence checks, timing helpers."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,8 +34,24 @@ def keep_threads():
 
 
 TINY_STEP = [
-    "--backbones", "conv4", "--image-size", "16", "--ways", "2", "--shots", "2", "--queries", "2",
-    "--meta-batch", "2", "--inner-steps", "1", "--rounds", "1", "--threads", "1",
+    "--backbones",
+    "conv4",
+    "--image-size",
+    "16",
+    "--ways",
+    "2",
+    "--shots",
+    "2",
+    "--queries",
+    "2",
+    "--meta-batch",
+    "2",
+    "--inner-steps",
+    "1",
+    "--rounds",
+    "1",
+    "--threads",
+    "1",
 ]
 
 
@@ -53,7 +70,7 @@ def test_interleaved_rounds_rotate_the_order() -> None:
     calls: list[str] = []
     contenders = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
     times = common.interleaved_times(contenders, rounds=4)
-    assert calls == list("abc" "bca" "cab" "abc")
+    assert calls == list("abcbcacababc")
     assert {n: len(t) for n, t in times.items()} == {"a": 4, "b": 4, "c": 4}
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         common.interleaved_times(contenders, rounds=0)
@@ -70,15 +87,41 @@ def test_maml_step_smoke_and_meta_gradients_agree(tmp_path: Path) -> None:
     maml_step = load("maml_step")
     out = tmp_path / "maml_step.json"
     result = maml_step.main(
-        TINY_STEP + ["--configs", "conv4-dense-first", "conv4-acdc-second", "--dtype", "float64",
-                     "--contenders", "ours", "higher", "ours_vmap", "floor", "bound", "learn2learn", "--memory", "none",
-                     "--out", str(out)]
+        TINY_STEP
+        + [
+            "--configs",
+            "conv4-dense-first",
+            "conv4-acdc-second",
+            "--dtype",
+            "float64",
+            "--contenders",
+            "ours",
+            "higher",
+            "ours_vmap",
+            "floor",
+            "bound",
+            "learn2learn",
+            "--memory",
+            "none",
+            "--out",
+            str(out),
+        ]
     )
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert sorted(result["configs"]) == ["conv4-acdc-second", "conv4-dense-first"]
     for name, row in result["configs"].items():
-        for key in ("ours_ms", "higher_ms", "ours_vmap_ms", "floor_ms", "bound_ms", "ratio_vs_higher",
-                    "ratio_vs_floor", "ratio_vs_bound", "higher_vs_bound", "parameters"):
+        for key in (
+            "ours_ms",
+            "higher_ms",
+            "ours_vmap_ms",
+            "floor_ms",
+            "bound_ms",
+            "ratio_vs_higher",
+            "ratio_vs_floor",
+            "ratio_vs_bound",
+            "higher_vs_bound",
+            "parameters",
+        ):
             assert row[key] > 0, (name, key)
         assert row["ratio_vs_higher"] == pytest.approx(row["ours_ms"] / row["higher_ms"], rel=1e-3)
         assert row["higher_vs_bound"] == pytest.approx(row["higher_ms"] / row["bound_ms"], rel=1e-3)
@@ -137,21 +180,45 @@ def test_maml_step_memory_probe_in_a_subprocess(tmp_path: Path) -> None:
 
 def test_maml_step_rejects_an_unknown_configuration() -> None:
     maml_step = load("maml_step")
-    with pytest.raises(ValueError, match=r"--configs 'resnet9-\*' matches no configuration; valid: resnet10-dense-first"):
+    with pytest.raises(
+        ValueError, match=r"--configs 'resnet9-\*' matches no configuration; valid: resnet10-dense-first"
+    ):
         maml_step.select_configs(["resnet9-*"])
     assert [c.name for c in maml_step.select_configs(["*-acdc-second"])] == [
-        "resnet10-acdc-second", "resnet18-acdc-second"
+        "resnet10-acdc-second",
+        "resnet18-acdc-second",
     ]
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
 def test_evaluate_smoke_same_accuracies(tmp_path: Path) -> None:
     evaluate = load("evaluate")
-    result = evaluate.main([
-        "--backbone", "conv4", "--image-size", "16", "--ways", "3", "--queries", "3", "--episodes", "5",
-        "--batch", "2", "--steps", "2", "--lr", "0.5", "--threads", "1", "--dtype", "float64",
-        "--out", str(tmp_path / "evaluate.json"),
-    ])
+    result = evaluate.main(
+        [
+            "--backbone",
+            "conv4",
+            "--image-size",
+            "16",
+            "--ways",
+            "3",
+            "--queries",
+            "3",
+            "--episodes",
+            "5",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--lr",
+            "0.5",
+            "--threads",
+            "1",
+            "--dtype",
+            "float64",
+            "--out",
+            str(tmp_path / "evaluate.json"),
+        ]
+    )
     ours, loop = (result["contenders"][n]["episode_accuracies"] for n in ("ours", "loop"))
     assert len(ours) == 5 and ours == loop
     assert result["identical"] is True and result["mismatched_episodes"] == []
@@ -163,8 +230,24 @@ def test_evaluate_smoke_same_accuracies(tmp_path: Path) -> None:
 
 def test_evaluate_loop_adapts_the_copy_not_the_model() -> None:
     evaluate = load("evaluate")
-    args = evaluate.parse(["--backbone", "conv4", "--image-size", "16", "--ways", "2", "--queries", "2",
-                           "--dtype", "float64", "--steps", "2", "--lr", "0.5"])
+    args = evaluate.parse(
+        [
+            "--backbone",
+            "conv4",
+            "--image-size",
+            "16",
+            "--ways",
+            "2",
+            "--queries",
+            "2",
+            "--dtype",
+            "float64",
+            "--steps",
+            "2",
+            "--lr",
+            "0.5",
+        ]
+    )
     learner = evaluate.build_learner(args, torch.device("cpu"))
     before = {n: p.clone() for n, p in learner.state_dict().items()}
     episode = evaluate.make_episode(0, args, torch.device("cpu"))
@@ -178,10 +261,25 @@ def test_evaluate_loop_adapts_the_copy_not_the_model() -> None:
 # ------------------------------------------------------------------------------------------------ acdc_overhead
 def test_acdc_overhead_smoke(tmp_path: Path) -> None:
     acdc_overhead = load("acdc_overhead")
-    result = acdc_overhead.main([
-        "--backbones", "conv4", "--batch", "4", "1", "--image-size", "16", "--rounds", "2", "--warmup", "0",
-        "--threads", "1", "--out", str(tmp_path / "acdc.json"),
-    ])
+    result = acdc_overhead.main(
+        [
+            "--backbones",
+            "conv4",
+            "--batch",
+            "4",
+            "1",
+            "--image-size",
+            "16",
+            "--rounds",
+            "2",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path / "acdc.json"),
+        ]
+    )
     assert sorted(result["backbones"]["conv4"]) == ["1", "4"]
     row = result["backbones"]["conv4"]["4"]
     assert row["dense_ms"] > 0 and row["acdc_ms"] > 0 and row["ratio"] > 0
@@ -195,8 +293,20 @@ def test_acdc_overhead_smoke(tmp_path: Path) -> None:
 
 def test_acdc_overhead_scope_layer_gives_every_conv_its_own_coefficients(tmp_path: Path) -> None:
     acdc_overhead = load("acdc_overhead")
-    tiny = ["--backbones", "conv4", "--batch", "2", "--image-size", "16", "--rounds", "1", "--warmup", "0",
-            "--threads", "1"]
+    tiny = [
+        "--backbones",
+        "conv4",
+        "--batch",
+        "2",
+        "--image-size",
+        "16",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+    ]
     net = acdc_overhead.main([*tiny, "--out", str(tmp_path / "net.json")])["backbones"]["conv4"]["2"]
     result = acdc_overhead.main([*tiny, "--scope", "layer", "--out", str(tmp_path / "layer.json")])
     layer = result["backbones"]["conv4"]["2"]
@@ -213,9 +323,21 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _fake_result(accuracy: float, steps: int = 7) -> dict:
     """What a run's result.json holds, as far as compare_methods reads it."""
-    return {"acdc": "none", "split": "test", "test_seed": 0, "episodes": 600, "accuracy_mean": accuracy,
-            "accuracy_ci95": 0.5, "parameters": 1000, "train_seconds": 150.2, "stopped_by": "train_seconds",
-            "meta_steps": steps, "best_step": steps, "seconds": 170.0, "episode_accuracies": [accuracy]}
+    return {
+        "acdc": "none",
+        "split": "test",
+        "test_seed": 0,
+        "episodes": 600,
+        "accuracy_mean": accuracy,
+        "accuracy_ci95": 0.5,
+        "parameters": 1000,
+        "train_seconds": 150.2,
+        "stopped_by": "train_seconds",
+        "meta_steps": steps,
+        "best_step": steps,
+        "seconds": 170.0,
+        "episode_accuracies": [accuracy],
+    }
 
 
 def _fake_payload() -> dict:
@@ -227,12 +349,30 @@ def _fake_payload() -> dict:
                 if (method, variant, shots) == ("baseline", "acdc-net", 5):
                     continue
                 records[f"{method}/{variant}/{shots}shot"] = {
-                    "method": method, "variant": variant, "shots": shots, "accuracy_mean": 40.0 + 10 * m + v + shots,
-                    "accuracy_ci95": 0.25 + v, "parameters": 2000 - 1000 * v, "train_seconds": 150.3,
-                    "steps": 100 + shots, "steps_unit": "batches" if method == "baseline" else "meta-steps",
-                    "epochs": 3 if method == "baseline" else None}
-    settings = {"train_seconds": 150.0, "test_episodes": 600, "test_seed": 0, "seed": 0, "backbone": "conv4",
-                "width": 32, "stem": None, "atoms": 8, "ways": 5, "device": "cpu", "threads": 1}
+                    "method": method,
+                    "variant": variant,
+                    "shots": shots,
+                    "accuracy_mean": 40.0 + 10 * m + v + shots,
+                    "accuracy_ci95": 0.25 + v,
+                    "parameters": 2000 - 1000 * v,
+                    "train_seconds": 150.3,
+                    "steps": 100 + shots,
+                    "steps_unit": "batches" if method == "baseline" else "meta-steps",
+                    "epochs": 3 if method == "baseline" else None,
+                }
+    settings = {
+        "train_seconds": 150.0,
+        "test_episodes": 600,
+        "test_seed": 0,
+        "seed": 0,
+        "backbone": "conv4",
+        "width": 32,
+        "stem": None,
+        "atoms": 8,
+        "ways": 5,
+        "device": "cpu",
+        "threads": 1,
+    }
     return {"settings": settings, "records": records, "commands": ["python benchmarks/compare_methods.py"]}
 
 
@@ -246,8 +386,10 @@ def test_compare_methods_report_of_a_fake_result_set(tmp_path: Path) -> None:
     assert tables[0] == "| method | 1-shot dense | 1-shot ACDC-net | 5-shot dense | 5-shot ACDC-net |"
     assert tables[2] == "| protonet | 41.00 ± 0.25 | 42.00 ± 1.25 | 45.00 ± 0.25 | 46.00 ± 1.25 |"
     assert tables[3] == "| baseline | 51.00 ± 0.25 | 52.00 ± 1.25 | 55.00 ± 0.25 | not run |"
-    assert tables[6] == "| protonet | 101 meta-steps in 150.3 s | 101 meta-steps in 150.3 s | " \
-                        "105 meta-steps in 150.3 s | 105 meta-steps in 150.3 s |"
+    assert (
+        tables[6] == "| protonet | 101 meta-steps in 150.3 s | 101 meta-steps in 150.3 s | "
+        "105 meta-steps in 150.3 s | 105 meta-steps in 150.3 s |"
+    )
     assert tables[7].startswith("| baseline | 101 batches, 3 epochs in 150.3 s |") and tables[7].endswith("| – |")
     assert len(tables) == 8
     assert "Backbone parameters: ACDC-net 1,000, dense 2,000." in text
@@ -265,13 +407,33 @@ def test_compare_methods_skips_cells_already_in_the_json(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(compare_methods, "run_cell", fake_run)
     out = tmp_path / "cm.json"
-    argv = ["--quick", "--methods", "protonet", "baseline", "--variants", "dense", "--shots", "1",
-            "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    argv = [
+        "--quick",
+        "--methods",
+        "protonet",
+        "baseline",
+        "--variants",
+        "dense",
+        "--shots",
+        "1",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+    ]
     args = compare_methods.parse(argv)
-    present = compare_methods.cell_record(_fake_result(77.0), "protonet", "dense", 1,
-                                          compare_methods.cell_settings(args, "protonet", "dense", 1), 1.0, None)
-    compare_methods.write_json(out, {"settings": compare_methods.shared_settings(args),
-                                     "records": {"protonet/dense/1shot": present}})
+    present = compare_methods.cell_record(
+        _fake_result(77.0),
+        "protonet",
+        "dense",
+        1,
+        compare_methods.cell_settings(args, "protonet", "dense", 1),
+        1.0,
+        None,
+    )
+    compare_methods.write_json(
+        out, {"settings": compare_methods.shared_settings(args), "records": {"protonet/dense/1shot": present}}
+    )
     payload = compare_methods.main(argv)
     assert calls == ["baseline/none/1"]  # protonet was there
     assert payload["records"]["protonet/dense/1shot"]["accuracy_mean"] == 77.0
@@ -287,12 +449,25 @@ def test_compare_methods_refuses_records_measured_otherwise(tmp_path: Path, monk
     compare_methods = load("compare_methods")
     monkeypatch.setattr(compare_methods, "run_cell", lambda settings, run_dir, threads: _fake_result(50.0))
     out = tmp_path / "cm.json"
-    argv = ["--quick", "--methods", "protonet", "--variants", "dense", "--shots", "1", "--out", str(out),
-            "--runs", str(tmp_path / "runs")]
+    argv = [
+        "--quick",
+        "--methods",
+        "protonet",
+        "--variants",
+        "dense",
+        "--shots",
+        "1",
+        "--out",
+        str(out),
+        "--runs",
+        str(tmp_path / "runs"),
+    ]
     compare_methods.main(argv)
-    for extra, message in ((["--train-seconds", "3"], "was measured with train_seconds = 2.0, not 3.0"),
-                           (["--train-seconds", "0"], "--train-seconds must be a positive number of seconds"),
-                           (["--shots", "0"], "--shots must be >= 1, got 0")):
+    for extra, message in (
+        (["--train-seconds", "3"], "was measured with train_seconds = 2.0, not 3.0"),
+        (["--train-seconds", "0"], "--train-seconds must be a positive number of seconds"),
+        (["--shots", "0"], "--shots must be >= 1, got 0"),
+    ):
         with pytest.raises(SystemExit) as exc:
             compare_methods.main([*argv, *extra])
         err = capsys.readouterr().err
@@ -311,9 +486,18 @@ def test_compare_methods_cell_settings_share_the_test_and_take_maml_from_its_con
     config = compare_methods.maml_config(compare_methods.MAML_CONFIG)
     cells = compare_methods.comparison_cells(args)
     assert len(cells) == 24
-    shared = {"dataset": "glyphs", "backbone": "conv4", "width": 32, "ways": 5, "test_queries": 15,
-              "test_split": "test", "test_seed": 0, "test_episodes": 600, "train_seconds": 150.0}
-    for key, (method, variant, shots, settings) in cells.items():
+    shared = {
+        "dataset": "glyphs",
+        "backbone": "conv4",
+        "width": 32,
+        "ways": 5,
+        "test_queries": 15,
+        "test_split": "test",
+        "test_seed": 0,
+        "test_episodes": 600,
+        "train_seconds": 150.0,
+    }
+    for key, (_method, variant, shots, settings) in cells.items():
         assert {k: settings[k] for k in shared} == shared, key
         assert settings["shots"] == shots and settings["acdc"] == compare_methods.VARIANTS[variant]
         assert "stem" not in settings and "out" not in settings
@@ -353,8 +537,21 @@ def test_compare_methods_tune_records_candidates_and_the_winners(tmp_path: Path,
 def test_compare_methods_quick_smoke_one_cell_end_to_end(tmp_path: Path) -> None:
     compare_methods = load("compare_methods")
     out = tmp_path / "compare_methods.json"
-    compare_methods.main(["--quick", "--methods", "baseline", "--variants", "acdc-net", "--shots", "1",
-                          "--runs", str(tmp_path / "runs"), "--out", str(out)])
+    compare_methods.main(
+        [
+            "--quick",
+            "--methods",
+            "baseline",
+            "--variants",
+            "acdc-net",
+            "--shots",
+            "1",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+        ]
+    )
     payload = json.loads(out.read_text())
     (record,) = payload["records"].values()
     assert (record["method"], record["variant"], record["shots"], record["acdc"]) == ("baseline", "acdc-net", 1, "net")
@@ -383,15 +580,18 @@ def test_cuda_script_commands_parse() -> None:
 # ------------------------------------------------------------------------------------------------ profile_step
 def test_profile_step_reports_convolution_share(tmp_path: Path) -> None:
     profile_step = load("profile_step")
-    result = profile_step.main(TINY_STEP + ["--configs", "conv4-dense-first", "--contenders", "ours", "higher",
-                                            "--out", str(tmp_path / "p.json")])
+    result = profile_step.main(
+        TINY_STEP
+        + ["--configs", "conv4-dense-first", "--contenders", "ours", "higher", "--out", str(tmp_path / "p.json")]
+    )
     row = result["configs"]["conv4-dense-first"]
     assert set(row) == {"ours", "higher"}
     for contender in row.values():
         assert 0 < contender["convolution_ms"] < contender["self_cpu_ms"]
         rounding = 0.1 / contender["self_cpu_ms"]  # the times are rounded to 0.1 ms, the share is not
         assert contender["convolution_share"] == pytest.approx(
-            contender["convolution_ms"] / contender["self_cpu_ms"], abs=rounding + 1e-4)
+            contender["convolution_ms"] / contender["self_cpu_ms"], abs=rounding + 1e-4
+        )
         assert "aten::convolution_backward" in contender["top_ops_ms"]
     assert json.loads((tmp_path / "p.json").read_text())["configs"] == json.loads(json.dumps(result["configs"]))
 
@@ -400,8 +600,26 @@ def test_profile_step_reports_convolution_share(tmp_path: Path) -> None:
 def test_pretrain_throughput_smoke(tmp_path: Path) -> None:
     pretrain = load("pretrain_throughput")
     out = tmp_path / "throughput.json"
-    result = pretrain.main(["--quick", "--device", "cpu", "--threads", "1", "--variants", "dense", "acdc-net",
-                            "--amp", "none", "--steps", "1", "--batch-size", "2", "--out", str(out)])
+    result = pretrain.main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--variants",
+            "dense",
+            "acdc-net",
+            "--amp",
+            "none",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["command"].startswith("python benchmarks/pretrain_throughput.py --quick")
     assert [(r["variant"], r["precision"]) for r in result["results"]] == [("dense", "off"), ("acdc-net", "off")]
@@ -432,13 +650,37 @@ def _tiny_maml_config(tmp_path: Path) -> Path:
 def test_depth_sweep_runs_cells_end_to_end_and_skips_measured_ones(tmp_path) -> None:
     depth_sweep = load("depth_sweep")
     out = tmp_path / "sweep.json"
-    argv = ["--config", str(_tiny_maml_config(tmp_path)), "--backbones", "conv4", "resnet10", "--shots", "1",
-            "--seeds", "0", "--train-episodes", "4", "--test-episodes", "3", "--resnet-width", "2",
-            "--threads", "1", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    argv = [
+        "--config",
+        str(_tiny_maml_config(tmp_path)),
+        "--backbones",
+        "conv4",
+        "resnet10",
+        "--shots",
+        "1",
+        "--seeds",
+        "0",
+        "--train-episodes",
+        "4",
+        "--test-episodes",
+        "3",
+        "--resnet-width",
+        "2",
+        "--threads",
+        "1",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+    ]
     depth_sweep.main(argv)
     payload = json.loads(out.read_text())
-    assert sorted(payload["records"]) == ["conv4/net/1shot/seed0", "conv4/none/1shot/seed0",
-                                          "resnet10/net/1shot/seed0", "resnet10/none/1shot/seed0"]
+    assert sorted(payload["records"]) == [
+        "conv4/net/1shot/seed0",
+        "conv4/none/1shot/seed0",
+        "resnet10/net/1shot/seed0",
+        "resnet10/none/1shot/seed0",
+    ]
     cell = payload["records"]["resnet10/net/1shot/seed0"]
     assert cell["settings"]["width"] == 2 and cell["settings"]["stem"] == "small"
     assert cell["settings"]["train_episodes"] == 4 and "train_seconds" not in cell["settings"]
@@ -456,8 +698,10 @@ def test_depth_sweep_runs_cells_end_to_end_and_skips_measured_ones(tmp_path) -> 
 
 def test_depth_sweep_summary_is_mean_and_std_across_seeds() -> None:
     depth_sweep = load("depth_sweep")
-    records = {f"resnet10/net/1shot/seed{s}": {"backbone": "resnet10", "acdc": "net", "shots": 1,
-                                               "accuracy_mean": acc} for s, acc in enumerate([50.0, 54.0, 58.0])}
+    records = {
+        f"resnet10/net/1shot/seed{s}": {"backbone": "resnet10", "acdc": "net", "shots": 1, "accuracy_mean": acc}
+        for s, acc in enumerate([50.0, 54.0, 58.0])
+    }
     (row,) = depth_sweep.summarize(records)
     assert row["seeds"] == 3 and row["mean"] == pytest.approx(54.0) and row["std"] == pytest.approx(4.0)
 
@@ -482,20 +726,46 @@ def test_tune_glyphs_reuses_a_run_of_the_same_settings_and_budget(tmp_path, monk
     stage1 = tune.STAGES[0]
     records = {}
     for rank, (name, overrides) in enumerate(stage1.candidates.items()):
-        records[f"1/{name}"] = {"settings": {**tune.BASE, **overrides}, "train_episodes": 30,
-                                "val_accuracy": 60.0 - rank, "val_ci95": 1.0, "best_step": 1,
-                                "train_seconds": 1.0}  # the first candidate (BASE) wins
+        records[f"1/{name}"] = {
+            "settings": {**tune.BASE, **overrides},
+            "train_episodes": 30,
+            "val_accuracy": 60.0 - rank,
+            "val_ci95": 1.0,
+            "best_step": 1,
+            "train_seconds": 1.0,
+        }  # the first candidate (BASE) wins
     out.write_text(json.dumps({"records": records, "stages": {}, "episodes": 30, "val_episodes": 5, "seed": 0}))
     calls = []
 
     def fake_run(settings, episodes, run_dir, args):
         calls.append((settings["inner_lr"], episodes))
-        return {"settings": dict(settings), "train_episodes": episodes, "val_accuracy": 50.0, "val_ci95": 1.0,
-                "meta_steps": 1, "train_seconds": 1.0, "best_step": 1}
+        return {
+            "settings": dict(settings),
+            "train_episodes": episodes,
+            "val_accuracy": 50.0,
+            "val_ci95": 1.0,
+            "meta_steps": 1,
+            "train_seconds": 1.0,
+            "best_step": 1,
+        }
 
     monkeypatch.setattr(tune, "run_candidate", fake_run)
-    tune.main(["--stages", "2", "--episodes", "30", "--val-episodes", "5", "--jobs", "1",
-               "--runs", str(tmp_path / "runs"), "--out", str(out)])
+    tune.main(
+        [
+            "--stages",
+            "2",
+            "--episodes",
+            "30",
+            "--val-episodes",
+            "5",
+            "--jobs",
+            "1",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+        ]
+    )
     payload = json.loads(out.read_text())
     first, second = list(tune.STAGES[1].candidates)
     assert calls == [(tune.STAGES[1].candidates[second]["inner_lr"], 30)]  # the first candidate is stage 1's winner

@@ -10,6 +10,7 @@ Every run is in-process through ``fewshot.cli.main`` (one import of torch), exce
 goes through ``run_maml.py`` in a subprocess. Torch runs on one thread here: on a shared 2-core machine
 two OpenMP threads spin against the other processes and made these runs 10-30x slower.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,45 @@ REPO = Path(__file__).resolve().parents[1]
 GLYPHS = ["--dataset", "glyphs", "--no-progress"]
 # MAML with an ACDC-net ResNet10 (stage widths 8-16-32-64), first order, tasks through vmap; a higher outer
 # and inner learning rate than Chen et al. so that 40 meta-steps are enough to leave chance behind.
-MAML_TINY = [*GLYPHS, "--backbone", "resnet10", "--width", "8", "--acdc", "net", "--first-order", "--vectorize",
-             "--lr", "0.01", "--inner-lr", "0.1", "--train-episodes", "160",
-             "--val-every", "0", "--val-episodes", "10", "--test-episodes", "100", "--eval-batch", "25"]
-RESULT_KEYS = {"dataset", "method", "backbone", "acdc", "atoms", "ways", "shots", "episodes", "accuracy_mean",
-               "accuracy_ci95", "parameters", "seconds"}
+MAML_TINY = [
+    *GLYPHS,
+    "--backbone",
+    "resnet10",
+    "--width",
+    "8",
+    "--acdc",
+    "net",
+    "--first-order",
+    "--vectorize",
+    "--lr",
+    "0.01",
+    "--inner-lr",
+    "0.1",
+    "--train-episodes",
+    "160",
+    "--val-every",
+    "0",
+    "--val-episodes",
+    "10",
+    "--test-episodes",
+    "100",
+    "--eval-batch",
+    "25",
+]
+RESULT_KEYS = {
+    "dataset",
+    "method",
+    "backbone",
+    "acdc",
+    "atoms",
+    "ways",
+    "shots",
+    "episodes",
+    "accuracy_mean",
+    "accuracy_ci95",
+    "parameters",
+    "seconds",
+}
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread", "glyphs_cache")
@@ -74,29 +109,50 @@ def fails(capsys, argv: list[str], out: Path, method: str | None = None, one_lin
         (["--acdc", "everywhere"], "maml", ["--acdc", "invalid choice: 'everywhere'", "g-net"]),
         (["--ways", "300"], "maml", ["glyphs/test has 262 classes, fewer than ways=300", "ways <= 262"]),
         (["--method", "snail"], None, ["--method", "invalid choice: 'snail'", "protonet"]),
-        (["--method", "protonet", "--inner-steps", "3"], None,
-         ["--inner-steps does not apply to --method protonet (only to maml)"]),
-        (["--method", "maml", "--head-epochs", "3"], None,
-         ["--head-epochs does not apply to --method maml (only to baseline, baseline_pp)"]),
-        (["--method", "baseline", "--train-episodes", "100"], None,
-         ["--train-episodes does not apply to --method baseline: it is trained on the base classes",
-          "--pretrain-epochs"]),
-        (["--method", "baseline_pp", "--queries", "4", "--val-every", "0", "--meta-batch", "2"], None,
-         ["--queries, --meta-batch, --val-every do not apply to --method baseline_pp"]),
-        (["--method", "baseline", "--train-seconds", "0"], None,
-         ["--train-seconds must be a positive number of seconds, got 0.0"]),
-        (["--method", "baseline_pp", "--train-seconds", "nan"], None,
-         ["--train-seconds must be a positive number of seconds, got nan"]),
+        (
+            ["--method", "protonet", "--inner-steps", "3"],
+            None,
+            ["--inner-steps does not apply to --method protonet (only to maml)"],
+        ),
+        (
+            ["--method", "maml", "--head-epochs", "3"],
+            None,
+            ["--head-epochs does not apply to --method maml (only to baseline, baseline_pp)"],
+        ),
+        (
+            ["--method", "baseline", "--train-episodes", "100"],
+            None,
+            [
+                "--train-episodes does not apply to --method baseline: it is trained on the base classes",
+                "--pretrain-epochs",
+            ],
+        ),
+        (
+            ["--method", "baseline_pp", "--queries", "4", "--val-every", "0", "--meta-batch", "2"],
+            None,
+            ["--queries, --meta-batch, --val-every do not apply to --method baseline_pp"],
+        ),
+        (
+            ["--method", "baseline", "--train-seconds", "0"],
+            None,
+            ["--train-seconds must be a positive number of seconds, got 0.0"],
+        ),
+        (
+            ["--method", "baseline_pp", "--train-seconds", "nan"],
+            None,
+            ["--train-seconds must be a positive number of seconds, got nan"],
+        ),
         (["--acdc", "g-net"], "maml", ["--acdc g-net needs --group-size"]),
         (["--group-size", "4"], "maml", ["--group-size applies only to the grouped scopes", "--acdc none"]),
         (["--eval-only"], "maml", ["--eval-only needs --checkpoint"]),
-        (["--train-ways", "20"], "maml",
-         ["--train-ways 20 does not apply to --method maml", "head has --ways 5 outputs"]),
+        (
+            ["--train-ways", "20"],
+            "maml",
+            ["--train-ways 20 does not apply to --method maml", "head has --ways 5 outputs"],
+        ),
         (["--method", "protonet", "--train-ways", "1"], None, ["--train-ways must be >= 2, got 1"]),
-        (["--method", "baseline", "--train-ways", "20"], None,
-         ["--train-ways does not apply to --method baseline"]),
-        (["--method", "protonet", "--train-ways", "400"], None,
-         ["glyphs/train has 377 classes, fewer than ways=400"]),
+        (["--method", "baseline", "--train-ways", "20"], None, ["--train-ways does not apply to --method baseline"]),
+        (["--method", "protonet", "--train-ways", "400"], None, ["glyphs/train has 377 classes, fewer than ways=400"]),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(capsys, tmp_path, flags, method, expected):
@@ -124,16 +180,25 @@ def test_unknown_config_key(capsys, tmp_path):
 def test_missing_miniimagenet_root(capsys, tmp_path):
     out = tmp_path / "run"
     missing = tmp_path / "nothing"
-    message = fails(capsys, ["--dataset", "miniimagenet", "--data-root", str(missing), "--out", str(out)], out,
-                    method="maml", one_line=False)
+    message = fails(
+        capsys,
+        ["--dataset", "miniimagenet", "--data-root", str(missing), "--out", str(out)],
+        out,
+        method="maml",
+        one_line=False,
+    )
     assert f"miniImageNet root {str(missing)!r} does not exist" in message
     assert "data/miniimagenet/README.md" in message and "--dataset glyphs" in message
 
 
 def test_missing_miniimagenet_root_is_one_line(capsys, tmp_path):
     out = tmp_path / "run"
-    fails(capsys, ["--dataset", "miniimagenet", "--data-root", str(tmp_path / "nothing"), "--out", str(out)], out,
-          method="maml")
+    fails(
+        capsys,
+        ["--dataset", "miniimagenet", "--data-root", str(tmp_path / "nothing"), "--out", str(out)],
+        out,
+        method="maml",
+    )
 
 
 def test_miniimagenet_without_data_root(capsys, tmp_path):
@@ -154,8 +219,24 @@ def test_miniimagenet_without_data_root(capsys, tmp_path):
 def test_eval_only_refuses_checkpoint_of_another_model(capsys, tmp_path, maml_run, flags, differs):
     best = maml_run[0] / "best.pt"
     out = tmp_path / "eval"
-    line = fails(capsys, [*GLYPHS, "--width", "8", *flags, "--eval-only", "--checkpoint", str(best),
-                          "--test-episodes", "2", "--out", str(out)], out, method="maml")
+    line = fails(
+        capsys,
+        [
+            *GLYPHS,
+            "--width",
+            "8",
+            *flags,
+            "--eval-only",
+            "--checkpoint",
+            str(best),
+            "--test-episodes",
+            "2",
+            "--out",
+            str(out),
+        ],
+        out,
+        method="maml",
+    )
     assert f"checkpoint {str(best)!r} was saved for backbone=resnet10, acdc=net, atoms=8" in line
     assert differs in line
 
@@ -165,7 +246,11 @@ def test_script_exit_code_and_single_stderr_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(REPO / "run_maml.py"), *GLYPHS, "--shots", "0", "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stdout == ""
@@ -197,8 +282,14 @@ def test_maml_run_writes_result_config_and_checkpoint(maml_run):
     assert RESULT_KEYS <= set(saved)
     assert saved == json.loads(json.dumps(record))
     assert {k: saved[k] for k in ("dataset", "method", "backbone", "acdc", "atoms", "ways", "shots", "episodes")} == {
-        "dataset": "glyphs", "method": "maml", "backbone": "resnet10", "acdc": "net", "atoms": 8,
-        "ways": 5, "shots": 1, "episodes": 100,
+        "dataset": "glyphs",
+        "method": "maml",
+        "backbone": "resnet10",
+        "acdc": "net",
+        "atoms": 8,
+        "ways": 5,
+        "shots": 1,
+        "episodes": 100,
     }
     assert 0.0 < saved["accuracy_ci95"] < 10.0
     assert saved["parameters"] > 0 and saved["seconds"] > 0
@@ -209,8 +300,9 @@ def test_maml_run_writes_result_config_and_checkpoint(maml_run):
 
 def test_eval_only_reproduces_accuracy(maml_run, tmp_path):
     out, record = maml_run
-    again = main([*MAML_TINY, "--eval-only", "--checkpoint", str(out / "best.pt"), "--out", str(tmp_path / "e")],
-                 method="maml")
+    again = main(
+        [*MAML_TINY, "--eval-only", "--checkpoint", str(out / "best.pt"), "--out", str(tmp_path / "e")], method="maml"
+    )
     assert again["accuracy_mean"] == record["accuracy_mean"]
     assert again["accuracy_ci95"] == record["accuracy_ci95"]
     assert (tmp_path / "e" / "eval_config.yaml").is_file()
@@ -218,15 +310,38 @@ def test_eval_only_reproduces_accuracy(maml_run, tmp_path):
 
 def test_saved_config_reloads(maml_run, tmp_path):
     out, record = maml_run
-    again = main(["--config", str(out / "config.yaml"), "--eval-only", "--checkpoint", str(out / "best.pt"),
-                  "--out", str(tmp_path / "e")], method="maml")
+    again = main(
+        [
+            "--config",
+            str(out / "config.yaml"),
+            "--eval-only",
+            "--checkpoint",
+            str(out / "best.pt"),
+            "--out",
+            str(tmp_path / "e"),
+        ],
+        method="maml",
+    )
     assert again["accuracy_mean"] == record["accuracy_mean"]
 
 
 # ------------------------------------------------------------------------------------------------
 # The other methods on the same test episodes
-CONV4 = [*GLYPHS, "--backbone", "conv4", "--width", "16",
-         "--test-episodes", "50", "--eval-batch", "25", "--test-queries", "5", "--lr", "0.003"]
+CONV4 = [
+    *GLYPHS,
+    "--backbone",
+    "conv4",
+    "--width",
+    "16",
+    "--test-episodes",
+    "50",
+    "--eval-batch",
+    "25",
+    "--test-queries",
+    "5",
+    "--lr",
+    "0.003",
+]
 EPISODIC = ["--val-every", "0", "--val-episodes", "5"]
 
 
@@ -241,8 +356,11 @@ EPISODIC = ["--val-every", "0", "--val-episodes", "5"]
         ("protonet", [*EPISODIC, "--train-episodes", "50"], 30.0),
         ("matchingnet", [*EPISODIC, "--train-episodes", "50"], 30.0),
         ("relationnet", [*EPISODIC, "--train-episodes", "50"], 24.0),
-        ("baseline", ["--test-episodes", "25", "--pretrain-epochs", "1", "--pretrain-batch", "64",
-                      "--head-epochs", "50"], 24.0),
+        (
+            "baseline",
+            ["--test-episodes", "25", "--pretrain-epochs", "1", "--pretrain-batch", "64", "--head-epochs", "50"],
+            24.0,
+        ),
         ("baseline_pp", ["--pretrain-epochs", "1", "--pretrain-batch", "64", "--head-epochs", "50"], 24.0),
     ],
 )
@@ -265,28 +383,69 @@ def test_train_ways_sizes_training_episodes_only(tmp_path):
     """--train-ways sets the classes of the training episodes; validation and test keep --ways."""
     from fewshot.cli import episode_source
 
-    args = resolve(parse_args_with_config(build_parser(), [
-        *GLYPHS, "--method", "protonet", "--train-ways", "12", "--out", str(tmp_path / "run")]))
+    args = resolve(
+        parse_args_with_config(
+            build_parser(), [*GLYPHS, "--method", "protonet", "--train-ways", "12", "--out", str(tmp_path / "run")]
+        )
+    )
     train = episode_source(args, "train", 3, 0, train=True)
     val = episode_source(args, "val", 3, 1, train=False)
     assert (train.ways, val.ways) == (12, 5)
     episode = train[0]
     assert episode.support_labels.unique().numel() == 12 and len(episode.query_labels) == 12 * 16
     assert resolve(parse_args_with_config(build_parser(), [*GLYPHS, "--method", "protonet"])).train_ways == 5
-    record = main(["--method", "protonet", *CONV4, *EPISODIC, "--train-episodes", "4", "--train-ways", "12",
-                   "--test-episodes", "4", "--out", str(tmp_path / "run")])
+    record = main(
+        [
+            "--method",
+            "protonet",
+            *CONV4,
+            *EPISODIC,
+            "--train-episodes",
+            "4",
+            "--train-ways",
+            "12",
+            "--test-episodes",
+            "4",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert record["train_ways"] == 12 and record["ways"] == 5 and record["episodes"] == 4
 
 
-BASELINE_TINY = [*GLYPHS, "--method", "baseline", "--backbone", "conv4", "--width", "8", "--test-episodes", "4",
-                 "--eval-batch", "4", "--test-queries", "5", "--pretrain-batch", "256", "--head-epochs", "2"]
-STOP_KEYS = {"pretrain_epochs", "pretrain_epochs_planned", "pretrain_steps", "pretrain_steps_planned",
-             "stopped_by", "train_seconds"}
+BASELINE_TINY = [
+    *GLYPHS,
+    "--method",
+    "baseline",
+    "--backbone",
+    "conv4",
+    "--width",
+    "8",
+    "--test-episodes",
+    "4",
+    "--eval-batch",
+    "4",
+    "--test-queries",
+    "5",
+    "--pretrain-batch",
+    "256",
+    "--head-epochs",
+    "2",
+]
+STOP_KEYS = {
+    "pretrain_epochs",
+    "pretrain_epochs_planned",
+    "pretrain_steps",
+    "pretrain_steps_planned",
+    "stopped_by",
+    "train_seconds",
+}
 
 
 def test_baseline_train_seconds_stops_after_the_first_batch_and_writes_a_complete_result(tmp_path):
-    timed = main([*BASELINE_TINY, "--pretrain-epochs", "3", "--train-seconds", "0.001",
-                  "--out", str(tmp_path / "timed")])
+    timed = main(
+        [*BASELINE_TINY, "--pretrain-epochs", "3", "--train-seconds", "0.001", "--out", str(tmp_path / "timed")]
+    )
     # The first batch already passes 1 ms: pretraining stops after it (mid-epoch), then the test runs.
     assert (timed["pretrain_steps"], timed["pretrain_epochs"], timed["pretrain_epochs_planned"]) == (1, 0, 3)
     assert timed["pretrain_steps_planned"] == 3 * 44  # 11,264 base-class images in batches of 256
@@ -303,8 +462,26 @@ def test_baseline_train_seconds_stops_after_the_first_batch_and_writes_a_complet
 # ------------------------------------------------------------------------------------------------
 # --resume
 def test_resume_gives_the_same_parameters(tmp_path):
-    tiny = [*GLYPHS, "--backbone", "conv4", "--width", "8", "--acdc", "net", "--first-order", "--meta-batch", "2",
-            "--val-every", "0", "--val-episodes", "2", "--test-episodes", "1", "--eval-batch", "1"]
+    tiny = [
+        *GLYPHS,
+        "--backbone",
+        "conv4",
+        "--width",
+        "8",
+        "--acdc",
+        "net",
+        "--first-order",
+        "--meta-batch",
+        "2",
+        "--val-every",
+        "0",
+        "--val-episodes",
+        "2",
+        "--test-episodes",
+        "1",
+        "--eval-batch",
+        "1",
+    ]
     main([*tiny, "--train-episodes", "8", "--out", str(tmp_path / "whole")], method="maml")
     main([*tiny, "--train-episodes", "4", "--out", str(tmp_path / "halves")], method="maml")
     half = load_checkpoint(tmp_path / "halves" / "last.pt")["model"]

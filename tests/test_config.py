@@ -1,4 +1,5 @@
 """fewshot.config: YAML defaults + argparse flags, errors naming file/key, saving, the CLI error wrapper."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,10 @@ def write(tmp_path, data, name="c.yaml"):
 
 
 def test_precedence_flags_over_file_over_defaults(tmp_path):
-    cfg = write(tmp_path, {"lr": 0.5, "epochs": 3, "data-root": "/d", "milestones": [1, 2], "channels_last": True,
-                           "backbone": "conv4"})
+    cfg = write(
+        tmp_path,
+        {"lr": 0.5, "epochs": 3, "data-root": "/d", "milestones": [1, 2], "channels_last": True, "backbone": "conv4"},
+    )
     args = parse_args_with_config(make_parser(), ["--config", cfg, "--epochs", "7"])
     assert (args.lr, args.epochs, args.data_root, args.milestones, args.channels_last) == (0.5, 7, "/d", [1, 2], True)
     assert args.backbone == "conv4"  # a required option may come from the file
@@ -61,15 +64,18 @@ def test_unknown_key_names_file_key_and_valid_keys(tmp_path):
     assert "valid keys: amp, backbone, channels_last, data_root, epochs, lr, milestones" in msg
 
 
-@pytest.mark.parametrize("key,value,expect", [
-    ("epochs", "ten", "key 'epochs' has a bad value 'ten'"),
-    ("epochs", 2.5, "key 'epochs' expects an integer, got 2.5"),
-    ("lr", True, "key 'lr' expects float, got boolean True"),
-    ("channels_last", "yes", "key 'channels_last' expects true or false, got 'yes'"),
-    ("amp", "fp8", "key 'amp' has value 'fp8'; choose one of: off, bf16, fp16"),
-    ("milestones", 5, "key 'milestones' expects a list, got 5"),
-    ("milestones", [1, "x"], "key 'milestones' has a bad value 'x'"),
-])
+@pytest.mark.parametrize(
+    "key,value,expect",
+    [
+        ("epochs", "ten", "key 'epochs' has a bad value 'ten'"),
+        ("epochs", 2.5, "key 'epochs' expects an integer, got 2.5"),
+        ("lr", True, "key 'lr' expects float, got boolean True"),
+        ("channels_last", "yes", "key 'channels_last' expects true or false, got 'yes'"),
+        ("amp", "fp8", "key 'amp' has value 'fp8'; choose one of: off, bf16, fp16"),
+        ("milestones", 5, "key 'milestones' expects a list, got 5"),
+        ("milestones", [1, "x"], "key 'milestones' has a bad value 'x'"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path, key, value, expect):
     cfg = write(tmp_path, {key: value, "backbone": "b"})
     with pytest.raises(ConfigError) as err:
@@ -93,7 +99,9 @@ def test_save_config_round_trips(tmp_path):
     saved = yaml.safe_load(path.read_text())
     assert "config" not in saved and saved["lr"] == 0.25 and saved["milestones"] == [3, 4]
     again = parse_args_with_config(make_parser(), ["--config", str(path)])
-    assert {k: v for k, v in vars(again).items() if k != "config"} == {k: v for k, v in vars(args).items() if k != "config"}
+    assert {k: v for k, v in vars(again).items() if k != "config"} == {
+        k: v for k, v in vars(args).items() if k != "config"
+    }
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temporary file left
 
 
@@ -111,9 +119,11 @@ def test_cli_main_prints_one_line_and_exits_2(capsys):
         return 7
 
     assert main("ok") == 7
-    for kind, text in [("value", "error: --foo 3 is not valid; use 1 or 2\n"),
-                       ("file", "error: dataset folder '/x' does not exist\n"),
-                       ("os", "error: No such file or directory: '/definitely/not/here'\n")]:
+    for kind, text in [
+        ("value", "error: --foo 3 is not valid; use 1 or 2\n"),
+        ("file", "error: dataset folder '/x' does not exist\n"),
+        ("os", "error: No such file or directory: '/definitely/not/here'\n"),
+    ]:
         with pytest.raises(SystemExit) as exit_info:
             main(kind)
         assert exit_info.value.code == 2

@@ -2,6 +2,7 @@
 
 All tests share one build in the default cache ($FEWSHOT_CACHE or ~/.cache/fewshot).
 """
+
 from __future__ import annotations
 
 import hashlib

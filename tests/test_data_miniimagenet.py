@@ -1,4 +1,5 @@
 """miniImageNet: the four layouts give identical data; caching; class split file; clear errors."""
+
 from __future__ import annotations
 
 import fcntl
@@ -102,7 +103,11 @@ def test_all_layouts_give_identical_data(layouts, split, tmp_path):
         assert np.array_equal(np.asarray(ds.images), expected[split]), name
         assert np.array_equal(ds.targets.numpy(), targets[split]), name
         image, target = ds[PER_CLASS + 1]
-        assert target == 1 and image.shape == (3, SIZE, SIZE) and np.array_equal(image.numpy(), expected[split][PER_CLASS + 1])
+        assert (
+            target == 1
+            and image.shape == (3, SIZE, SIZE)
+            and np.array_equal(image.numpy(), expected[split][PER_CLASS + 1])
+        )
         assert [len(i) for i in ds.class_indices] == [PER_CLASS] * len(CLASSES[split])
 
 
@@ -142,18 +147,27 @@ def test_missing_root_lists_layouts_and_readme(tmp_path):
         MiniImageNet(tmp_path / "nowhere", "val")
     message = str(err.value)
     assert "does not exist" in message and "data/miniimagenet/README.md" in message
-    for expected in ("val.csv + images/", "mini-imagenet-cache-val.pkl or mini-imagenet-cache-validation.pkl",
-                     "val.json", "val_data.hdf5 + val_labels.json"):
+    for expected in (
+        "val.csv + images/",
+        "mini-imagenet-cache-val.pkl or mini-imagenet-cache-validation.pkl",
+        "val.json",
+        "val_data.hdf5 + val_labels.json",
+    ):
         assert expected in message
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no miniImageNet layout found in .*empty.* for split 'test'(.|\n)*"
-                                                 r"novel\.json(.|\n)*data/miniimagenet/README\.md"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no miniImageNet layout found in .*empty.* for split 'test'(.|\n)*"
+        r"novel\.json(.|\n)*data/miniimagenet/README\.md",
+    ):
         MiniImageNet(tmp_path / "empty", "test")
 
 
 def test_unknown_split_and_layout(layouts):
     roots, _, _ = layouts
-    with pytest.raises(ValueError, match=r"miniImageNet: unknown split 'validation'; valid splits are train, val, test"):
+    with pytest.raises(
+        ValueError, match=r"miniImageNet: unknown split 'validation'; valid splits are train, val, test"
+    ):
         MiniImageNet(roots["csv"], "validation")
     with pytest.raises(ValueError, match=r"unknown layout 'lmdb'; valid layouts are csv, pickle, json, hdf5"):
         detect_layout(roots["csv"], "train", layout="lmdb")
@@ -163,7 +177,9 @@ def test_unknown_split_and_layout(layouts):
 def test_csv_without_expected_column(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "train.csv").write_text("file,label\nn0153282900000001.jpg,n01532829\n")
-    with pytest.raises(ValueError, match=r"train\.csv': missing column 'filename' \(columns found: \['file', 'label'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"train\.csv': missing column 'filename' \(columns found: \['file', 'label'\]\)"
+    ):
         MiniImageNet(tmp_path, "train", cache=tmp_path / "cache")
 
 
@@ -204,7 +220,9 @@ def test_pickles_under_both_validation_names(layouts, tmp_path):
     roots, expected, _ = layouts
     root = tmp_path / "valpkl"
     root.mkdir()
-    (root / "mini-imagenet-cache-val.pkl").write_bytes((roots["pickle"] / "mini-imagenet-cache-validation.pkl").read_bytes())
+    (root / "mini-imagenet-cache-val.pkl").write_bytes(
+        (roots["pickle"] / "mini-imagenet-cache-validation.pkl").read_bytes()
+    )
     ds = MiniImageNet(root, "val", image_size=SIZE, cache=tmp_path)
     assert np.array_equal(np.asarray(ds.images), expected["val"])
 
@@ -246,11 +264,14 @@ def test_pickle_row_index_out_of_range(tmp_path, index):
     assert_nothing_cached(tmp_path / "cache")
 
 
-@pytest.mark.parametrize("image_data, got", [
-    (["abc", "def"], "list"),
-    (np.array(["abc", "def"]), "<U3 array of shape (2,)"),
-    (np.zeros((2, SIZE, SIZE, 3), np.float32), "float32 array of shape (2, 12, 12, 3)"),
-])
+@pytest.mark.parametrize(
+    "image_data, got",
+    [
+        (["abc", "def"], "list"),
+        (np.array(["abc", "def"]), "<U3 array of shape (2,)"),
+        (np.zeros((2, SIZE, SIZE, 3), np.float32), "float32 array of shape (2, 12, 12, 3)"),
+    ],
+)
 def test_pickle_image_data_not_a_uint8_image_array(tmp_path, image_data, got):
     path = write_mini_pickle(tmp_path / "mini", "train", image_data, {"n01532829": [0, 1]})
     with pytest.raises(ValueError) as err:
@@ -265,7 +286,9 @@ def test_pickle_truncated(layouts, tmp_path):
     root.mkdir()
     whole = (roots["pickle"] / "mini-imagenet-cache-train.pkl").read_bytes()
     (root / "mini-imagenet-cache-train.pkl").write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(ValueError, match=r"cannot read pickle '.*mini-imagenet-cache-train\.pkl': UnpicklingError") as err:
+    with pytest.raises(
+        ValueError, match=r"cannot read pickle '.*mini-imagenet-cache-train\.pkl': UnpicklingError"
+    ) as err:
         MiniImageNet(root, "train", image_size=SIZE, cache=tmp_path / "cache")
     assert "\n" not in str(err.value)
 
@@ -276,7 +299,9 @@ def test_hdf5_not_hdf5_or_truncated(layouts, tmp_path, damage):
     root = tmp_path / "mini"
     root.mkdir()
     whole = (roots["hdf5"] / "val_data.hdf5").read_bytes()
-    (root / "val_data.hdf5").write_bytes(b"this is not an HDF5 file" if damage == "not hdf5" else whole[: len(whole) // 2])
+    (root / "val_data.hdf5").write_bytes(
+        b"this is not an HDF5 file" if damage == "not hdf5" else whole[: len(whole) // 2]
+    )
     (root / "val_labels.json").write_text((roots["hdf5"] / "val_labels.json").read_text())
     with pytest.raises(ValueError) as err:
         MiniImageNet(root, "val", image_size=SIZE, cache=tmp_path / "cache")
@@ -291,17 +316,23 @@ def test_hdf5_class_that_is_not_an_image_array(tmp_path):
     with h5py.File(root / "val_data.hdf5", "w") as f:
         f.create_group("datasets").create_dataset("n01855672", data=np.zeros((2, SIZE, SIZE), np.uint8))
     (root / "val_labels.json").write_text(json.dumps(["n01855672"]))
-    with pytest.raises(ValueError, match=r"val_data\.hdf5': class 'n01855672' must be a uint8 array n×H×W×3, "
-                                         r"got uint8 array of shape \(2, 12, 12\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"val_data\.hdf5': class 'n01855672' must be a uint8 array n×H×W×3, "
+        r"got uint8 array of shape \(2, 12, 12\)",
+    ):
         MiniImageNet(root, "val", image_size=SIZE, cache=tmp_path / "cache")
     assert_nothing_cached(tmp_path / "cache")
 
 
-@pytest.mark.parametrize("name, text", [
-    ("novel.json", '{"label_names": ["a"], "image_names": [}'),
-    ("test_labels.json", "[n01930112]"),
-    ("novel.json", b"\xff\xfe not utf-8"),
-])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("novel.json", '{"label_names": ["a"], "image_names": [}'),
+        ("test_labels.json", "[n01930112]"),
+        ("novel.json", b"\xff\xfe not utf-8"),
+    ],
+)
 def test_malformed_json_names_the_file(tmp_path, name, text):
     root = tmp_path / "mini"
     root.mkdir()
@@ -317,17 +348,26 @@ def test_malformed_json_names_the_file(tmp_path, name, text):
 
 def test_json_list_of_wrong_shape(tmp_path):
     (tmp_path / "val.json").write_text(json.dumps(["a", "b"]))
-    with pytest.raises(ValueError, match=r"val\.json': expected a JSON object with label_names, image_names and "
-                                         r"image_labels, got a list"):
+    with pytest.raises(
+        ValueError,
+        match=r"val\.json': expected a JSON object with label_names, image_names and "
+        r"image_labels, got a list",
+    ):
         MiniImageNet(tmp_path, "val", cache=tmp_path / "c")
     (tmp_path / "val.json").write_text(json.dumps({"label_names": ["a"], "image_names": [3], "image_labels": [0]}))
     with pytest.raises(ValueError, match=r"val\.json': 'image_names' must be a list of strings"):
         MiniImageNet(tmp_path, "val", cache=tmp_path / "c")
 
 
-@pytest.mark.parametrize("file, damage", [
-    ("images.npy", "truncate"), ("targets.npy", "truncate"), ("meta.json", "truncate"), ("targets.npy", "shorter"),
-])
+@pytest.mark.parametrize(
+    "file, damage",
+    [
+        ("images.npy", "truncate"),
+        ("targets.npy", "truncate"),
+        ("meta.json", "truncate"),
+        ("targets.npy", "shorter"),
+    ],
+)
 def test_damaged_cache_names_the_file_and_how_to_rebuild(layouts, tmp_path, file, damage):
     roots, expected, _ = layouts
     ds = MiniImageNet(roots["pickle"], "test", image_size=SIZE, cache=tmp_path)
@@ -399,8 +439,13 @@ def test_a_build_killed_by_sigkill_is_cleaned_up(tmp_path, monkeypatch):
             print(tmp, flush=True)
             time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         tmp = Path(proc.stdout.readline().strip())
         assert tmp.is_dir() and tmp.name.startswith(".store.tmp-")

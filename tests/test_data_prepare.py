@@ -1,4 +1,5 @@
 """python -m fewshot.data.prepare miniimagenet: builds the CSV layout from a (tiny, fake) ImageNet folder."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,8 +40,19 @@ def test_prepare_builds_the_csv_layout(tmp_path, capsys):
     fake_imagenet(tmp_path / "train")
     write_csvs(tmp_path / "csv", picks=[1, 3, 5])  # 1st, 3rd and 5th image by ImageNet number: 2, 10, 100
     out = tmp_path / "mini"
-    argv = ["miniimagenet", "--imagenet-train", str(tmp_path / "train"), "--csv-dir", str(tmp_path / "csv"),
-            "--out", str(out), "--image-size", str(SIZE), "--workers", "1"]
+    argv = [
+        "miniimagenet",
+        "--imagenet-train",
+        str(tmp_path / "train"),
+        "--csv-dir",
+        str(tmp_path / "csv"),
+        "--out",
+        str(out),
+        "--image-size",
+        str(SIZE),
+        "--workers",
+        "1",
+    ]
     assert main(argv) == 0
     for split, wnids in WNIDS.items():
         ds = MiniImageNet(out, split, image_size=SIZE, cache=tmp_path / "cache")
@@ -57,8 +69,17 @@ def test_prepare_builds_the_csv_layout(tmp_path, capsys):
 def test_prepare_errors(tmp_path, capsys):
     fake_imagenet(tmp_path / "train")
     write_csvs(tmp_path / "csv", picks=[1, 6])  # each class has only 5 images
-    argv = ["miniimagenet", "--imagenet-train", str(tmp_path / "train"), "--csv-dir", str(tmp_path / "csv"),
-            "--out", str(tmp_path / "mini"), "--image-size", str(SIZE)]
+    argv = [
+        "miniimagenet",
+        "--imagenet-train",
+        str(tmp_path / "train"),
+        "--csv-dir",
+        str(tmp_path / "csv"),
+        "--out",
+        str(tmp_path / "mini"),
+        "--image-size",
+        str(SIZE),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "train.csv' line 3: 'n0153282900000006.jpg' asks for image 6 of class 'n01532829'" in err
@@ -73,16 +94,31 @@ def test_prepare_refuses_file_names_that_leave_the_output_folder(tmp_path, capsy
     write_csvs(tmp_path / "csv", picks=[1, 2])
     escape = "../../escape/n0155899300000001.jpg"  # a valid <label><number> stem: only the folder part is wrong
     val = (tmp_path / "csv" / "val.csv").read_text()
-    (tmp_path / "csv" / "train.csv").write_text(f"filename,label\nn0153282900000001.jpg,n01532829\n{escape},n01558993\n")
+    (tmp_path / "csv" / "train.csv").write_text(
+        f"filename,label\nn0153282900000001.jpg,n01532829\n{escape},n01558993\n"
+    )
     out = tmp_path / "work" / "mini"
-    argv = ["miniimagenet", "--imagenet-train", str(tmp_path / "train"), "--csv-dir", str(tmp_path / "csv"),
-            "--out", str(out), "--image-size", str(SIZE), "--workers", "1"]
+    argv = [
+        "miniimagenet",
+        "--imagenet-train",
+        str(tmp_path / "train"),
+        "--csv-dir",
+        str(tmp_path / "csv"),
+        "--out",
+        str(out),
+        "--image-size",
+        str(SIZE),
+        "--workers",
+        "1",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err == (f"error: '{tmp_path / 'csv' / 'train.csv'}' line 3: file name {escape!r} would be written outside "
-                   f"the output folder '{out}'; file names must be plain names like n0153282900000005.jpg\n")
+    assert err == (
+        f"error: '{tmp_path / 'csv' / 'train.csv'}' line 3: file name {escape!r} would be written outside "
+        f"the output folder '{out}'; file names must be plain names like n0153282900000005.jpg\n"
+    )
     assert not (tmp_path / "escape").exists() and not (tmp_path / "work").exists()
-    (tmp_path / "csv" / "train.csv").write_text(f"filename,label\nn01532829/n0153282900000001.jpg,n01532829\n")
+    (tmp_path / "csv" / "train.csv").write_text("filename,label\nn01532829/n0153282900000001.jpg,n01532829\n")
     assert main(argv) == 2
     assert "line 2: file name 'n01532829/n0153282900000001.jpg' is not a plain file name" in capsys.readouterr().err
     assert not (tmp_path / "work").exists() and val == (tmp_path / "csv" / "val.csv").read_text()
@@ -93,8 +129,19 @@ def test_prepare_refuses_a_bad_image_size_before_writing(tmp_path, capsys):
     write_csvs(tmp_path / "csv", picks=[1])
     out = tmp_path / "mini"
     for size in ("0", "-3", "4"):
-        argv = ["miniimagenet", "--imagenet-train", str(tmp_path / "train"), "--csv-dir", str(tmp_path / "csv"),
-                "--out", str(out), "--image-size", size, "--workers", "1"]
+        argv = [
+            "miniimagenet",
+            "--imagenet-train",
+            str(tmp_path / "train"),
+            "--csv-dir",
+            str(tmp_path / "csv"),
+            "--out",
+            str(out),
+            "--image-size",
+            size,
+            "--workers",
+            "1",
+        ]
         assert main(argv) == 2
         assert capsys.readouterr().err == f"error: --image-size must be an integer >= 8, got {size}\n"
         assert not out.exists()

@@ -4,6 +4,7 @@ A crafted pickle whose ``__reduce__`` calls ``os.system`` is refused before anyt
 command would create a marker file; it must not exist afterwards), with one line naming the file and
 the global. Legitimate pickles of every protocol, of numpy 1.x and of Python 2 (CIFAR) still load.
 """
+
 from __future__ import annotations
 
 import io
@@ -92,19 +93,32 @@ def test_cli_prints_one_error_line_and_runs_nothing(tmp_path, capsys, monkeypatc
             pickle.dump({**mini_pickle(), "extra": touch(marker)}, f)
     monkeypatch.setenv("FEWSHOT_CACHE", str(tmp_path / "cache"))
     with pytest.raises(SystemExit) as exit_:
-        main(["--dataset", "miniimagenet", "--data-root", str(root), "--no-progress", "--out", str(tmp_path / "run")],
-             method="maml")
+        main(
+            ["--dataset", "miniimagenet", "--data-root", str(root), "--no-progress", "--out", str(tmp_path / "run")],
+            method="maml",
+        )
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "refusing to load" in err
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("module, name", [
-    ("builtins", "eval"), ("builtins", "exec"), ("subprocess", "Popen"), ("os", "system"), ("posix", "system"),
-    ("numpy", "load"), ("numpy.testing._private.utils", "runstring"), ("copyreg", "_reconstructor"),
-    ("builtins", "getattr"), ("__builtin__", "eval"), ("numpy.core.multiarray", "_get_ndarray_c_version"),
-])
+@pytest.mark.parametrize(
+    "module, name",
+    [
+        ("builtins", "eval"),
+        ("builtins", "exec"),
+        ("subprocess", "Popen"),
+        ("os", "system"),
+        ("posix", "system"),
+        ("numpy", "load"),
+        ("numpy.testing._private.utils", "runstring"),
+        ("copyreg", "_reconstructor"),
+        ("builtins", "getattr"),
+        ("__builtin__", "eval"),
+        ("numpy.core.multiarray", "_get_ndarray_c_version"),
+    ],
+)
 def test_any_other_global_is_refused_before_import(module, name):
     payload = f"c{module}\n{name}\n(S'1+1'\ntR.".encode()  # protocol 0: GLOBAL, then call it with '1+1'
     with pytest.raises(ForbiddenGlobalError, match=rf"^'data\.pkl': refusing to load: it references {module}\.{name},"):
@@ -166,8 +180,11 @@ def write_cifar10(folder: Path, python2: bool = False) -> list[dict]:
     rng = np.random.default_rng(0)
     batches = []
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [int(v) for v in rng.integers(0, 10, 2)],
-                 "batch_label": f"{name} of 6"}
+        batch = {
+            "data": rng.integers(0, 256, (2, 3072), dtype=np.uint8),
+            "labels": [int(v) for v in rng.integers(0, 10, 2)],
+            "batch_label": f"{name} of 6",
+        }
         (folder / name).write_bytes(py2_pickle(batch) if python2 else pickle.dumps(batch, protocol=2))
         batches.append(batch)
     meta = {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}
@@ -191,8 +208,25 @@ def _py2(obj) -> bytes:
         raw = obj.encode("latin1") if isinstance(obj, str) else obj
         return b"T" + struct.pack("<i", len(raw)) + raw
     assert isinstance(obj, np.ndarray) and obj.dtype == np.uint8
-    dtype = b"cnumpy\ndtype\n" + _py2("u1") + b"J\x00\x00\x00\x00J\x01\x00\x00\x00\x87R" \
-        + b"(J\x03\x00\x00\x00" + _py2("|") + b"NNN" + b"J\xff\xff\xff\xff" * 2 + b"J\x00\x00\x00\x00tb"
+    dtype = (
+        b"cnumpy\ndtype\n"
+        + _py2("u1")
+        + b"J\x00\x00\x00\x00J\x01\x00\x00\x00\x87R"
+        + b"(J\x03\x00\x00\x00"
+        + _py2("|")
+        + b"NNN"
+        + b"J\xff\xff\xff\xff" * 2
+        + b"J\x00\x00\x00\x00tb"
+    )
     shape = b"(" + b"".join(_py2(int(d)) for d in obj.shape) + b"t"
-    return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n(J\x00\x00\x00\x00t" + _py2("b") + b"\x87R"
-            + b"(J\x01\x00\x00\x00" + shape + dtype + b"\x89" + _py2(obj.tobytes()) + b"tb")
+    return (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n(J\x00\x00\x00\x00t"
+        + _py2("b")
+        + b"\x87R"
+        + b"(J\x01\x00\x00\x00"
+        + shape
+        + dtype
+        + b"\x89"
+        + _py2(obj.tobytes())
+        + b"tb"
+    )

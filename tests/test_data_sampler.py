@@ -1,4 +1,5 @@
 """Episode sampler and transforms: structure, determinism across processes and workers, errors."""
+
 from __future__ import annotations
 
 import hashlib
@@ -141,8 +142,9 @@ def test_sampler_errors_name_the_problem():
     targets = [0] * 6 + [1] * 4 + [2] * 3
     small = ClassIndexedDataset(images, targets, ["ant", "bee", "cat"], name="tiny")
     with pytest.raises(
-        ValueError, match=r"class 'bee' \(index 1\) of tiny has 4 images, fewer than shots \+ queries = 1 \+ 4 = 5 "
-        r"\(1 other classes too\)"
+        ValueError,
+        match=r"class 'bee' \(index 1\) of tiny has 4 images, fewer than shots \+ queries = 1 \+ 4 = 5 "
+        r"\(1 other classes too\)",
     ):
         EpisodeSampler(small, 2, 1, 4, 1)
     for kwargs, what in [({"ways": 0}, "ways"), ({"shots": 1.5}, "shots"), ({"queries": -1}, "queries")]:

@@ -1,4 +1,5 @@
 """The episodic training loop: exact resume, checkpoints, log, validation."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,14 @@ class DropNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                  nn.Dropout(0.3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.out_features = 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,15 +57,15 @@ def test_resume_gives_identical_parameters(tmp_path) -> None:
     resumed = run(tmp_path / "b", 6, resume=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    log_a = [json.loads(l) for l in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    log_b = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    log_a = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_b] == list(range(1, 7))
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
 
 
 def test_checkpoints_and_log(tmp_path) -> None:
     run(tmp_path, 4)
-    records = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     val = [r for r in records if "val_acc" in r]
     assert [r["step"] for r in val] == [2, 4]
@@ -75,13 +82,21 @@ def test_resume_refuses_other_model(tmp_path) -> None:
     learner = fresh_learner()
     schedule = EpisodicSchedule(meta_steps=4, meta_batch=2)
     with pytest.raises(ValueError, match="was saved for backbone=dropnet.*you asked for backbone=other"):
-        train_episodic(learner, TRAIN, VAL, schedule, tmp_path, spec=ModelSpec(backbone="other"),
-                       resume=True, progress=False)
+        train_episodic(
+            learner, TRAIN, VAL, schedule, tmp_path, spec=ModelSpec(backbone="other"), resume=True, progress=False
+        )
 
 
 def test_schedule_errors() -> None:
     with pytest.raises(ValueError, match="meta_batch must be >= 1, got 0"):
         EpisodicSchedule(meta_steps=1, meta_batch=0)
     with pytest.raises(ValueError, match="has 16 episodes; 9 meta-steps of 2 need 18"):
-        train_episodic(fresh_learner(), TRAIN, VAL, EpisodicSchedule(meta_steps=9, meta_batch=2),
-                       "/tmp/unused-fewshot", spec=SPEC, progress=False)
+        train_episodic(
+            fresh_learner(),
+            TRAIN,
+            VAL,
+            EpisodicSchedule(meta_steps=9, meta_batch=2),
+            "/tmp/unused-fewshot",
+            spec=SPEC,
+            progress=False,
+        )

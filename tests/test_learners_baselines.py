@@ -1,4 +1,5 @@
 """Chen et al. 2019 baseline learners: ProtoNet, MatchingNet, RelationNet, Baseline, Baseline++."""
+
 from __future__ import annotations
 
 import math
@@ -368,7 +369,9 @@ def test_baseline_head_trains_on_support_only(cls):
     assert logits.shape == (6, 3)
 
     # other query images: same head weights, and the same logits for the unchanged queries
-    ep2 = Episode(ep.support_images, ep.support_labels, 10 * torch.randn_like(ep.query_images), ep.query_labels, ep.classes)
+    ep2 = Episode(
+        ep.support_images, ep.support_labels, 10 * torch.randn_like(ep.query_images), ep.query_labels, ep.classes
+    )
     learner.predict(ep2)
     for a, b in zip(heads[0].state_dict().values(), heads[1].state_dict().values()):
         assert torch.equal(a, b)
@@ -454,13 +457,16 @@ def test_backward_batch_accumulates_the_gradient_of_the_summed_loss(method: str)
     torch.manual_seed(0)
     learner = create_learner(method, MLPBackbone(dim_in=6, dim_out=8), 3).double()
     episodes = [random_episode(dim=6, seed=s) for s in range(3)]
-    episodes = [Episode(e.support_images.double(), e.support_labels, e.query_images.double(), e.query_labels,
-                        e.classes) for e in episodes]
+    episodes = [
+        Episode(e.support_images.double(), e.support_labels, e.query_images.double(), e.query_labels, e.classes)
+        for e in episodes
+    ]
     learner.batch_loss(episodes)[0].backward()
     reference = {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
     learner.zero_grad()
     loss, logits = learner.backward_batch(episodes)
     assert not loss.requires_grad and len(logits) == 3
     assert abs(loss.item() - learner.batch_loss(episodes)[0].item()) <= 1e-12
-    assert reference and all((p.grad - reference[n]).abs().max() <= 1e-12 for n, p in learner.named_parameters()
-                             if n in reference)
+    assert reference and all(
+        (p.grad - reference[n]).abs().max() <= 1e-12 for n, p in learner.named_parameters() if n in reference
+    )

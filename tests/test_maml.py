@@ -1,4 +1,5 @@
 """MAML: meta-gradients against `higher` and finite differences, adapt choices, BatchNorm modes."""
+
 from __future__ import annotations
 
 import copy
@@ -37,9 +38,10 @@ def higher_meta_gradients(learner: MAML, episodes: list[Episode], first_order: b
     inner_opt = torch.optim.SGD(params, lr=learner.inner_lr)
     total = None
     for ep in episodes:
-        with higher.innerloop_ctx(
-            model, inner_opt, copy_initial_weights=False, track_higher_grads=not first_order
-        ) as (fmodel, diffopt):
+        with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False, track_higher_grads=not first_order) as (
+            fmodel,
+            diffopt,
+        ):
             for _ in range(learner.inner_steps):
                 diffopt.step(F.cross_entropy(fmodel(ep.support_images), ep.support_labels))
             query_loss = F.cross_entropy(fmodel(ep.query_images), ep.query_labels)
@@ -139,9 +141,15 @@ def test_support_statistics_mode_normalizes_query_with_support_batch() -> None:
     logits = learner.predict(episode)
     # Predicting each query image alone gives the same logits: no query statistics are used.
     single = [
-        learner.predict(Episode(episode.support_images, episode.support_labels,
-                                episode.query_images[i : i + 1], episode.query_labels[i : i + 1],
-                                episode.classes))
+        learner.predict(
+            Episode(
+                episode.support_images,
+                episode.support_labels,
+                episode.query_images[i : i + 1],
+                episode.query_labels[i : i + 1],
+                episode.classes,
+            )
+        )
         for i in range(len(episode.query_labels))
     ]
     assert torch.allclose(torch.cat(single), logits, atol=1e-10, rtol=0)
@@ -173,10 +181,13 @@ def test_first_order_with_learned_step_sizes_equals_detached_gradient_reference(
     for step in range(learner.inner_steps):
         loss = F.cross_entropy(learner._forward(fast, episode.support_images), episode.support_labels)
         grads = torch.autograd.grad(loss, [fast[n] for n in learner.adapted_names])
-        fast = {**fast, **{
-            n: fast[n] - learner.inner_lrs[n.replace(".", "-")][step] * g.detach()
-            for n, g in zip(learner.adapted_names, grads)
-        }}
+        fast = {
+            **fast,
+            **{
+                n: fast[n] - learner.inner_lrs[n.replace(".", "-")][step] * g.detach()
+                for n, g in zip(learner.adapted_names, grads)
+            },
+        }
     F.cross_entropy(learner._forward(fast, episode.query_images), episode.query_labels).backward()
     for name, p in learner.named_parameters():
         assert (ours[name] - p.grad).abs().max().item() <= 1e-12, name
@@ -250,9 +261,15 @@ def test_inner_loop_leaves_the_model_untouched() -> None:
     assert all(torch.equal(b, buffers[n]) for n, b in learner.named_buffers())
 
 
-@pytest.mark.parametrize("options", [
-    {"first_order": False}, {"first_order": True}, {"bn_mode": "support"}, {"learn_inner_lr": True},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"first_order": False},
+        {"first_order": True},
+        {"bn_mode": "support"},
+        {"learn_inner_lr": True},
+    ],
+)
 @pytest.mark.parametrize("acdc", [False, True])
 def test_vectorized_meta_batch_equals_task_loop(options: dict, acdc: bool) -> None:
     backbone = acdc_tiny("g-net", group_size=4) if acdc else TinyNet()

@@ -1,6 +1,7 @@
 """What the MAML tuning work added: the wall-clock budget (``--train-seconds``), the cosine schedule,
 evaluation on the validation split, atom-drop modes inside the inner loop, the step sizes of test steps
 beyond the trained ones, and the tuned main-job config."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,26 @@ from fewshot.training.episodic import EpisodicSchedule
 from tests.helpers import TinyNet, make_episode
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "glyphs", "--no-progress", "--backbone", "conv4", "--width", "8", "--acdc", "net",
-        "--first-order", "--inner-lr", "0.1", "--val-episodes", "4", "--test-episodes", "6", "--eval-batch", "3"]
+TINY = [
+    "--dataset",
+    "glyphs",
+    "--no-progress",
+    "--backbone",
+    "conv4",
+    "--width",
+    "8",
+    "--acdc",
+    "net",
+    "--first-order",
+    "--inner-lr",
+    "0.1",
+    "--val-episodes",
+    "4",
+    "--test-episodes",
+    "6",
+    "--eval-batch",
+    "3",
+]
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread", "glyphs_cache")
@@ -33,8 +52,10 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread", "glyphs_cache")
 # The wall-clock budget and the schedule
 def test_train_seconds_stops_training_and_writes_a_complete_result(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    record = main([*TINY, "--train-episodes", "4000", "--val-every", "500", "--train-seconds", "0.001",
-                   "--out", str(out)], method="maml")
+    record = main(
+        [*TINY, "--train-episodes", "4000", "--val-every", "500", "--train-seconds", "0.001", "--out", str(out)],
+        method="maml",
+    )
     # The first meta-step already passes 1 ms: training stops after it, validates it and tests as usual.
     assert record["meta_steps"] == 1 and record["meta_steps_planned"] == 1000
     assert record["stopped_by"] == "train_seconds"
@@ -46,8 +67,7 @@ def test_train_seconds_stops_training_and_writes_a_complete_result(tmp_path: Pat
 
 
 def test_without_train_seconds_the_step_budget_ends_training(tmp_path: Path) -> None:
-    record = main([*TINY, "--train-episodes", "8", "--val-every", "0", "--out", str(tmp_path / "r")],
-                  method="maml")
+    record = main([*TINY, "--train-episodes", "8", "--val-every", "0", "--out", str(tmp_path / "r")], method="maml")
     assert record["meta_steps"] == 2 and record["stopped_by"] == "meta_steps"
 
 
@@ -83,15 +103,43 @@ def test_cosine_schedule_follows_the_larger_fraction_of_the_budget() -> None:
 
 def test_cosine_schedule_reaches_the_optimizer(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    main([*TINY, "--train-episodes", "16", "--val-every", "0", "--lr", "0.01", "--lr-schedule", "cosine",
-          "--out", str(out)], method="maml")
+    main(
+        [
+            *TINY,
+            "--train-episodes",
+            "16",
+            "--val-every",
+            "0",
+            "--lr",
+            "0.01",
+            "--lr-schedule",
+            "cosine",
+            "--out",
+            str(out),
+        ],
+        method="maml",
+    )
     rates = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert rates == pytest.approx([0.005 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
 
 
 def test_val_split_evaluation_uses_validation_classes(tmp_path: Path) -> None:
-    record = main([*TINY, "--train-episodes", "4", "--val-every", "0", "--test-split", "val",
-                   "--test-seed", "100", "--out", str(tmp_path / "r")], method="maml")
+    record = main(
+        [
+            *TINY,
+            "--train-episodes",
+            "4",
+            "--val-every",
+            "0",
+            "--test-split",
+            "val",
+            "--test-seed",
+            "100",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        method="maml",
+    )
     assert record["split"] == "val"
     val_classes = create_dataset("glyphs", "val", image_size=28).classes
     assert not set(val_classes) & set(create_dataset("glyphs", "test", image_size=28).classes)
@@ -106,8 +154,7 @@ def test_val_split_evaluation_uses_validation_classes(tmp_path: Path) -> None:
 # Atom-drop inside the inner loop
 def _acdc_net(drop: float = 0.5) -> torch.nn.Module:
     torch.manual_seed(0)
-    return create_backbone("conv4", acdc="net", atoms=4, atom_drop=drop, image_size=16, width=4,
-                           in_channels=3).double()
+    return create_backbone("conv4", acdc="net", atoms=4, atom_drop=drop, image_size=16, width=4, in_channels=3).double()
 
 
 def test_hold_atom_masks_reuses_one_mask_per_layer() -> None:
@@ -156,8 +203,9 @@ def test_query_mode_adapts_as_without_atom_drop() -> None:
     params = dropped.model_parameters()
     with hold_atom_masks(dropped, drop=False):
         ours = dropped.adapt_to_support(params, episode.support_images, episode.support_labels, 2, 0.1, False)
-    reference = plain.adapt_to_support(plain.model_parameters(), episode.support_images, episode.support_labels,
-                                       2, 0.1, False)
+    reference = plain.adapt_to_support(
+        plain.model_parameters(), episode.support_images, episode.support_labels, 2, 0.1, False
+    )
     for name in reference:
         assert torch.allclose(ours[name], reference[name], atol=1e-12), name
 
@@ -202,9 +250,26 @@ def test_learned_step_sizes_need_a_training_step() -> None:
 # The tuned main job
 def test_main_job_config_loads_and_runs_a_few_steps(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    record = main(["--config", str(REPO / "configs/maml_glyphs_demo.yaml"), "--train-episodes", "8",
-                   "--val-every", "0", "--val-episodes", "3", "--test-episodes", "4", "--eval-batch", "2",
-                   "--out", str(out), "--no-progress"], method="maml")
+    record = main(
+        [
+            "--config",
+            str(REPO / "configs/maml_glyphs_demo.yaml"),
+            "--train-episodes",
+            "8",
+            "--val-every",
+            "0",
+            "--val-episodes",
+            "3",
+            "--test-episodes",
+            "4",
+            "--eval-batch",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        method="maml",
+    )
     config = yaml.safe_load((REPO / "configs/maml_glyphs_demo.yaml").read_text())
     assert record["dataset"] == "glyphs" and record["acdc"] == config["acdc"] != "none"
     assert record["episodes"] == 4 and record["meta_steps"] == max(1, 8 // config["meta_batch"])

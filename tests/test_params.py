@@ -1,5 +1,6 @@
 """``fewshot.params``: every published row agrees, the counts match a closed-form count from the rules of
 docs/acdc-method.md, multiply-adds match an analytic count, and the command's exit status."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,15 +44,20 @@ def closed_form_count(spec: P.Spec) -> int:
         total += groups * m * k - conv.weight.numel()
         level = spec.acdc.removeprefix("g-")
         key = {"net": "net", "layer": name}.get(level) or dense.acdc_block_of(name, conv)
-        corner = (conv.out_channels, conv.in_channels) if s is None else (
-            min(s, conv.out_channels), min(s, conv.in_channels))
+        corner = (
+            (conv.out_channels, conv.in_channels)
+            if s is None
+            else (min(s, conv.out_channels), min(s, conv.in_channels))
+        )
         corners.setdefault(key, []).append(corner)
     for members in corners.values():
         total += max(r for r, _ in members) * max(c for _, c in members) * m
     return total
 
 
-@pytest.mark.parametrize("spec", P.PARAM_SPECS, ids=lambda s: f"{s.table}-{s.backbone}-{s.acdc}-m{s.atoms}-s{s.group_size}")
+@pytest.mark.parametrize(
+    "spec", P.PARAM_SPECS, ids=lambda s: f"{s.table}-{s.backbone}-{s.acdc}-m{s.atoms}-s{s.group_size}"
+)
 def test_counts_follow_the_closed_form_rules(rows, spec):
     row = next(r for r in rows if r.spec == spec)
     assert row.exact == closed_form_count(spec)
@@ -65,8 +71,11 @@ def test_meta_and_cpu_builds_count_the_same():
 
 def conv_output_sizes(model: nn.Module, image_size: int) -> dict[str, tuple[int, int]]:
     sizes: dict[str, tuple[int, int]] = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: sizes.__setitem__(n, tuple(out.shape[-2:])))
-             for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, n=n: sizes.__setitem__(n, tuple(out.shape[-2:])))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
     model(torch.zeros(1, 3, image_size, image_size, device="meta"))
     for h in hooks:
         h.remove()
@@ -132,8 +141,19 @@ def test_main_prints_every_row_and_exits_zero(rows, monkeypatch, capsys):
     assert out[0].split() == ["table", "network", "variant", "m", "s", "paper", "ours", "diff", "ok", "exact"]
     assert len(out) == 1 + 31 + 2 and out[-1].startswith("31/31 rows agree with the paper")
     assert "16,370,432  (printed as m8; the count fits m12)" in out[29]
-    assert out[1].split() == ["1", "VGG16", "(CIFAR)", "baseline", "-", "-", "14.72M", "14.724M", "+0.004M",
-                              "yes", "14,724,042"]
+    assert out[1].split() == [
+        "1",
+        "VGG16",
+        "(CIFAR)",
+        "baseline",
+        "-",
+        "-",
+        "14.72M",
+        "14.724M",
+        "+0.004M",
+        "yes",
+        "14,724,042",
+    ]
 
 
 def test_main_exits_nonzero_when_a_row_is_off(rows, monkeypatch, capsys):

@@ -1,4 +1,5 @@
 """Supervised pretraining: data readers, reproducible augmentation, the loop's exact resume, the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -11,18 +12,18 @@ import torch
 import yaml
 from torch import nn
 
-from fewshot.data.transforms import GLYPHS_MEAN, GLYPHS_STD
 from fewshot.data.classification import (
     AugmentedDataset,
     ClassificationData,
     EpochSampler,
-    cifar_transforms,
     Normalizer,
     TensorImageDataset,
+    cifar_transforms,
     holdout_split,
     load_classification_data,
     read_cifar,
 )
+from fewshot.data.transforms import GLYPHS_MEAN, GLYPHS_STD
 from fewshot.training.checkpoint import load_checkpoint
 from fewshot.training.supervised import LoopConfig, OptimConfig, evaluate, fit, model_from_checkpoint, topk_correct
 
@@ -37,8 +38,11 @@ def write_fake_cifar10(root: Path, per_batch: int = 8, test: int = 16, seed: int
     written = {"train": [], "test": []}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         n = test if name == "test_batch" else per_batch
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "labels": [int(v) for v in rng.integers(0, 10, n)], "batch_label": name}
+        batch = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "labels": [int(v) for v in rng.integers(0, 10, n)],
+            "batch_label": name,
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
         written["test" if name == "test_batch" else "train"].append(batch)
@@ -117,7 +121,9 @@ def test_cifar_errors_name_path_and_expectation(tmp_path):
     write_fake_cifar10(tmp_path, per_batch=2, test=2)
     folder = tmp_path / "cifar-10-batches-py"
     (folder / "test_batch").unlink()
-    with pytest.raises(FileNotFoundError, match=r"CIFAR-10 folder '.*cifar-10-batches-py' is incomplete: missing test_batch"):
+    with pytest.raises(
+        FileNotFoundError, match=r"CIFAR-10 folder '.*cifar-10-batches-py' is incomplete: missing test_batch"
+    ):
         read_cifar(tmp_path, "cifar10")
     write_fake_cifar10(tmp_path, per_batch=2, test=2)
     (folder / "data_batch_3").write_bytes(b"\x00garbage")
@@ -125,7 +131,9 @@ def test_cifar_errors_name_path_and_expectation(tmp_path):
         read_cifar(tmp_path, "cifar10")
     with open(folder / "data_batch_3", "wb") as f:
         pickle.dump({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, f)
-    with pytest.raises(ValueError, match=r"'data' must be uint8 \(N, 3072\) with N = len\(labels\); got torch.uint8 \(2, 100\)"):
+    with pytest.raises(
+        ValueError, match=r"'data' must be uint8 \(N, 3072\) with N = len\(labels\); got torch.uint8 \(2, 100\)"
+    ):
         read_cifar(tmp_path, "cifar10")
     with pytest.raises(ValueError, match="--data-root is required for cifar10"):
         load_classification_data("cifar10", None)
@@ -143,7 +151,9 @@ def test_image_folder_reads_and_augments(tmp_path):
 
 
 def test_image_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"image folder '.*nothing' does not exist \(expected .*/train/<class>/<image>"):
+    with pytest.raises(
+        FileNotFoundError, match=r"image folder '.*nothing' does not exist \(expected .*/train/<class>/<image>"
+    ):
         load_classification_data("imagenet", tmp_path / "nothing")
     write_image_folder(tmp_path)
     (tmp_path / "val" / "dog" / "0.png").unlink()
@@ -152,7 +162,9 @@ def test_image_folder_errors(tmp_path):
         load_classification_data("imagefolder", tmp_path)
     (tmp_path / "val" / "dog").rename(tmp_path / "val" / "cow")
     (tmp_path / "val" / "cow" / "x.jpg").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"the classes of '.*val' differ from train's: not in train \['cow'\], missing \['dog'\]"):
+    with pytest.raises(
+        ValueError, match=r"the classes of '.*val' differ from train's: not in train \['cow'\], missing \['dog'\]"
+    ):
         load_classification_data("imagefolder", tmp_path)
     import shutil
 
@@ -179,7 +191,9 @@ def test_tinyimagenet_original_val_layout(tmp_path):
 
 
 def test_unknown_dataset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'; valid: cifar10, cifar100, imagefolder, imagenet, tinyimagenet"):
+    with pytest.raises(
+        ValueError, match="unknown dataset 'mnist'; valid: cifar10, cifar100, imagefolder, imagenet, tinyimagenet"
+    ):
         load_classification_data("mnist")
 
 
@@ -253,8 +267,14 @@ class TinyClassifier(nn.Module):
 
     def __init__(self, classes: int = 3) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(0.3))
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Dropout(0.3),
+        )
         self.fc = nn.Linear(16, classes)
 
     def forward(self, x):
@@ -270,15 +290,25 @@ def tiny_data(n: int = 24) -> ClassificationData:
     train = TensorImageDataset(images, targets.tolist(), ["a", "b", "c"])
     val = TensorImageDataset(images[:9], targets[:9].tolist(), ["a", "b", "c"])
     augment = v2.Compose([v2.RandomCrop(8, padding=1), v2.RandomHorizontalFlip()])
-    return ClassificationData("tiny", train, val, ["a", "b", "c"], 8, 3, (0.5,) * 3, (0.25,) * 3, augment, v2.Identity())
+    return ClassificationData(
+        "tiny", train, val, ["a", "b", "c"], 8, 3, (0.5,) * 3, (0.25,) * 3, augment, v2.Identity()
+    )
 
 
 def run_fit(run_dir, stop=None, resume=None, epochs=2, amp="off", workers=0, seconds=None):
     torch.manual_seed(0)
     model = TinyClassifier()
     optim = OptimConfig(lr=0.05, milestones=(1,), gamma=0.5)
-    loop = LoopConfig(epochs=epochs, batch_size=4, seed=7, stop_at_step=stop, progress=False, amp=amp,
-                      workers=workers, train_seconds=seconds)
+    loop = LoopConfig(
+        epochs=epochs,
+        batch_size=4,
+        seed=7,
+        stop_at_step=stop,
+        progress=False,
+        amp=amp,
+        workers=workers,
+        train_seconds=seconds,
+    )
     return model, fit(model, tiny_data(), optim, loop, run_dir=run_dir, resume=resume)
 
 
@@ -360,19 +390,67 @@ def cli(argv):
 
 
 def base_args(cifar_root, out, *extra):
-    return ["--dataset", "cifar10", "--data-root", cifar_root, "--backbone", "conv4", "--width", "4",
-            "--acdc", "net", "--atoms", "4", "--epochs", "2", "--batch-size", "10", "--lr", "0.05",
-            "--milestones", "1", "--device", "cpu", "--workers", "0", "--no-progress", "--out", out, *extra]
+    return [
+        "--dataset",
+        "cifar10",
+        "--data-root",
+        cifar_root,
+        "--backbone",
+        "conv4",
+        "--width",
+        "4",
+        "--acdc",
+        "net",
+        "--atoms",
+        "4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "10",
+        "--lr",
+        "0.05",
+        "--milestones",
+        "1",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def test_cli_writes_results_config_log_and_a_loadable_checkpoint(cifar_root, tmp_path):
     results = cli(base_args(cifar_root, tmp_path / "run"))
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    for key in ("dataset", "backbone", "acdc", "atoms", "parameters", "top1", "top5", "val_loss", "train_loss",
-                "epoch", "step", "seconds", "images_per_second", "world_size", "checkpoint"):
+    for key in (
+        "dataset",
+        "backbone",
+        "acdc",
+        "atoms",
+        "parameters",
+        "top1",
+        "top5",
+        "val_loss",
+        "train_loss",
+        "epoch",
+        "step",
+        "seconds",
+        "images_per_second",
+        "world_size",
+        "checkpoint",
+    ):
         assert key in saved, key
-    assert (saved["dataset"], saved["acdc"], saved["atoms"], saved["step"], saved["world_size"]) == ("cifar10", "net", 4, 8, 1)
+    assert (saved["dataset"], saved["acdc"], saved["atoms"], saved["step"], saved["world_size"]) == (
+        "cifar10",
+        "net",
+        4,
+        8,
+        1,
+    )
     assert saved["backbone_kwargs"] == {"image_size": 32, "in_channels": 3, "width": 4}
     config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert config["atoms"] == 4 and config["milestones"] == [1] and config["width"] == 4
@@ -425,7 +503,9 @@ def test_cli_device_cuda_without_gpu(cifar_root, tmp_path, capsys):
 
 def test_cli_missing_dataset_folder(tmp_path, capsys):
     msg = error_of(base_args(tmp_path / "nowhere", tmp_path / "run"), capsys)
-    assert msg.startswith(f"error: CIFAR-10 not found: expected the folder '{tmp_path / 'nowhere' / 'cifar-10-batches-py'}'")
+    assert msg.startswith(
+        f"error: CIFAR-10 not found: expected the folder '{tmp_path / 'nowhere' / 'cifar-10-batches-py'}'"
+    )
 
 
 def test_cli_unknown_config_key(tmp_path, capsys):
@@ -451,8 +531,24 @@ def test_cli_checkpoint_of_another_architecture(cifar_root, tmp_path, capsys):
 
 def test_cli_init_from_loads_the_weights(cifar_root, tmp_path):
     cli(base_args(cifar_root, tmp_path / "a", "--epochs", "1"))
-    cli(base_args(cifar_root, tmp_path / "b", "--epochs", "1", "--init-from", tmp_path / "a" / "last.pt",
-                  "--lr", "1e-12", "--atom-drop", "0", "--momentum", "0", "--weight-decay", "0"))
+    cli(
+        base_args(
+            cifar_root,
+            tmp_path / "b",
+            "--epochs",
+            "1",
+            "--init-from",
+            tmp_path / "a" / "last.pt",
+            "--lr",
+            "1e-12",
+            "--atom-drop",
+            "0",
+            "--momentum",
+            "0",
+            "--weight-decay",
+            "0",
+        )
+    )
     a = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
     for key, value in a.items():  # a vanishing lr: weights stay (BatchNorm statistics move)
@@ -464,24 +560,42 @@ def test_cli_capacity_growth_inherits_the_trained_model(cifar_root, tmp_path):
     from fewshot.acdc import acdc_convs
 
     cli(base_args(cifar_root, tmp_path / "a", "--epochs", "1"))
-    grow = ["--init-from", tmp_path / "a" / "last.pt", "--expand-scope", "block", "--expand-atoms", "6",
-            "--lr", "1e-12", "--momentum", "0", "--weight-decay", "0", "--atom-drop", "0", "--epochs", "1"]
+    grow = [
+        "--init-from",
+        tmp_path / "a" / "last.pt",
+        "--expand-scope",
+        "block",
+        "--expand-atoms",
+        "6",
+        "--lr",
+        "1e-12",
+        "--momentum",
+        "0",
+        "--weight-decay",
+        "0",
+        "--atom-drop",
+        "0",
+        "--epochs",
+        "1",
+    ]
     results = cli(base_args(cifar_root, tmp_path / "b", *grow))
     assert (results["acdc"], results["atoms"], results["expanded_from"]) == ("block", 6, {"acdc": "net", "atoms": 4})
     small, _ = model_from_checkpoint(tmp_path / "a" / "last.pt")
     grown, ckpt = model_from_checkpoint(tmp_path / "b" / "last.pt")
     assert ckpt["meta"]["expanded_from"] == {"acdc": "net", "atoms": 4}
     assert {c.num_atoms for _, c in acdc_convs(grown)} == {6} and {c.scope for _, c in acdc_convs(grown)} == {"block"}
-    assert results["parameters"] == sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in small.parameters())
+    assert (
+        results["parameters"] == sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in small.parameters())
+    )
     # Same function: with a vanishing learning rate only BatchNorm statistics moved; copy them and compare.
-    small.load_state_dict({k: v for k, v in grown.state_dict().items() if "running" in k or "num_batches" in k},
-                          strict=False)
+    small.load_state_dict(
+        {k: v for k, v in grown.state_dict().items() if "running" in k or "num_batches" in k}, strict=False
+    )
     x = torch.randn(4, 3, 32, 32)
     small.eval(), grown.eval()
     torch.testing.assert_close(grown(x), small(x), rtol=1e-4, atol=1e-5)
     # The grown run resumes (rebuilt as net m4 -> expand -> load) and the architecture check knows it.
-    again = cli(["--config", tmp_path / "b" / "config.yaml", "--resume",
-                 "--epochs", "2"])
+    again = cli(["--config", tmp_path / "b" / "config.yaml", "--resume", "--epochs", "2"])
     assert again["epoch"] == 2 and again["expanded_from"] == {"acdc": "net", "atoms": 4}
 
 
@@ -489,19 +603,31 @@ def test_cli_refuses_to_overwrite_a_run_and_resume_needs_one(cifar_root, tmp_pat
     cli(base_args(cifar_root, tmp_path / "a", "--epochs", "1"))
     before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
     msg = error_of(base_args(cifar_root, tmp_path / "a"), capsys)
-    assert msg == f"error: --out {tmp_path / 'a'} already holds a run; pass --resume to continue it or choose another --out"
+    assert (
+        msg
+        == f"error: --out {tmp_path / 'a'} already holds a run; pass --resume to continue it or choose another --out"
+    )
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before  # nothing rewritten
     msg = error_of(base_args(cifar_root, tmp_path / "new", "--resume"), capsys)
     assert msg == f"error: --resume: {tmp_path / 'new' / 'last.pt'} does not exist; start without --resume"
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--backbone-arg", "width=8"], "error: --backbone-arg width=...: give it with --width"),
-    (["--backbone-arg", "depth=16"], "error: --backbone-arg depth: backbone 'conv4' takes image_size, width, in_channels"),
-    (["--stem", "small"], "error: --stem applies to the ResNet backbones, not --backbone conv4"),
-    (["--backbone", "resnet99"], "error: --backbone 'resnet99' is not a registered backbone; valid: conv4, resnet10,"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--backbone-arg", "width=8"], "error: --backbone-arg width=...: give it with --width"),
+        (
+            ["--backbone-arg", "depth=16"],
+            "error: --backbone-arg depth: backbone 'conv4' takes image_size, width, in_channels",
+        ),
+        (["--stem", "small"], "error: --stem applies to the ResNet backbones, not --backbone conv4"),
+        (
+            ["--backbone", "resnet99"],
+            "error: --backbone 'resnet99' is not a registered backbone; valid: conv4, resnet10,",
+        ),
+    ],
+)
 def test_cli_backbone_options_one_way_each(cifar_root, tmp_path, capsys, flags, expected):
     args = base_args(cifar_root, tmp_path / "run")
     if flags[0] == "--backbone":
@@ -554,7 +680,15 @@ def test_configs_hold_the_paper_recipes():
         run_pretrain.check_args(args)
     for name in ("pretrain_cifar10", "pretrain_cifar100"):
         a = parsed[name]
-        assert (a.optimizer, a.lr, a.momentum, a.weight_decay, a.epochs, a.schedule, a.milestones, a.gamma) == \
-            ("sgd", 0.1, 0.9, 1e-4, 350, "multistep", [150, 250], 0.1)
+        assert (a.optimizer, a.lr, a.momentum, a.weight_decay, a.epochs, a.schedule, a.milestones, a.gamma) == (
+            "sgd",
+            0.1,
+            0.9,
+            1e-4,
+            350,
+            "multistep",
+            [150, 250],
+            0.1,
+        )
     a = parsed["pretrain_imagenet"]
     assert (a.lr, a.weight_decay, a.epochs, a.schedule, a.step_size, a.gamma) == (0.1, 2.5e-5, 90, "step", 30, 0.1)

@@ -1,4 +1,5 @@
 """run_pretrain.py under torchrun: 2 CPU processes (gloo) train a tiny ACDC net on fake CIFAR-10."""
+
 from __future__ import annotations
 
 import json
@@ -43,10 +44,40 @@ def test_torchrun_two_processes_agree_and_checkpoint_loads_in_one(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(repo=str(REPO), out=str(out)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-           "--dataset", "cifar10", "--data-root", str(data_root), "--backbone", "conv4", "--width", "4",
-           "--acdc", "net", "--atoms", "4", "--epochs", "2", "--batch-size", "5", "--lr", "0.05",
-           "--device", "cpu", "--workers", "0", "--no-progress", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(driver),
+        "--dataset",
+        "cifar10",
+        "--data-root",
+        str(data_root),
+        "--backbone",
+        "conv4",
+        "--width",
+        "4",
+        "--acdc",
+        "net",
+        "--atoms",
+        "4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "5",
+        "--lr",
+        "0.05",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -70,5 +101,11 @@ def test_torchrun_two_processes_agree_and_checkpoint_loads_in_one(tmp_path):
     assert single["images"] == 16
     assert single["top1"] == pytest.approx(results["top1"]) and single["top5"] == pytest.approx(results["top5"])
     assert single["loss"] == pytest.approx(results["val_loss"], rel=1e-5)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "last.pt", "log.jsonl", "rank0.pt",
-                                                     "rank1.pt", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.yaml",
+        "last.pt",
+        "log.jsonl",
+        "rank0.pt",
+        "rank1.pt",
+        "result.json",
+    ]

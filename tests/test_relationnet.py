@@ -1,10 +1,10 @@
 """RelationNet on feature maps (Chen et al. 2019 / Sung et al. 2018): the relation module's layout for every
 map size, class maps, (class, query) pairs, scores against a hand computation, losses, learning, errors."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fewshot.acdc import ACDCConv2d
@@ -19,7 +19,6 @@ from fewshot.learners.relationnet import (
     pair_maps,
     plan_relation_blocks,
 )
-
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -57,17 +56,20 @@ def episode_for(key: str, ways: int = 5, shots: int = 1, queries: int = 2, seed:
 
 
 # ----------------------------------------------------------------------------- layout of the relation module
-@pytest.mark.parametrize("size, paddings, pools, out_sizes", [
-    (1, (1, 1), (False, False), (1, 1)),  # conv4 at 28 px: nothing to pool
-    (3, (1, 1), (True, False), (1, 1)),  # ResNet ImageNet stem at 84 px
-    (4, (1, 1), (True, True), (2, 1)),  # ResNet small stem at 28 px
-    (5, (1, 1), (True, True), (2, 1)),  # conv4 at 84 px
-    (7, (1, 1), (True, True), (3, 1)),  # ResNet at 224 px (Chen et al.)
-    (9, (1, 1), (True, True), (4, 2)),
-    (10, (0, 0), (True, True), (4, 1)),  # from 10 on: no padding (Chen et al.'s rule)
-    (11, (0, 0), (True, True), (4, 1)),  # ResNet small stem at 84 px
-    (19, (0, 0), (True, True), (8, 3)),  # Chen et al.'s un-pooled Conv4 at 84 px
-])
+@pytest.mark.parametrize(
+    "size, paddings, pools, out_sizes",
+    [
+        (1, (1, 1), (False, False), (1, 1)),  # conv4 at 28 px: nothing to pool
+        (3, (1, 1), (True, False), (1, 1)),  # ResNet ImageNet stem at 84 px
+        (4, (1, 1), (True, True), (2, 1)),  # ResNet small stem at 28 px
+        (5, (1, 1), (True, True), (2, 1)),  # conv4 at 84 px
+        (7, (1, 1), (True, True), (3, 1)),  # ResNet at 224 px (Chen et al.)
+        (9, (1, 1), (True, True), (4, 2)),
+        (10, (0, 0), (True, True), (4, 1)),  # from 10 on: no padding (Chen et al.'s rule)
+        (11, (0, 0), (True, True), (4, 1)),  # ResNet small stem at 84 px
+        (19, (0, 0), (True, True), (8, 3)),  # Chen et al.'s un-pooled Conv4 at 84 px
+    ],
+)
 def test_plan_relation_blocks(size, paddings, pools, out_sizes):
     plan = plan_relation_blocks(size, size)
     assert tuple(b.padding for b in plan) == paddings
@@ -148,7 +150,7 @@ def manual_scores(learner: RelationNet, ep: Episode, reduce: str) -> torch.Tenso
     """Sigmoid relation scores computed pair by pair, with class maps summed / averaged in a loop."""
     with torch.no_grad():
         maps = learner.backbone.forward_map(torch.cat([ep.support_images, ep.query_images]))
-        support, query = maps[: ep.support_images.shape[0]], maps[ep.support_images.shape[0]:]
+        support, query = maps[: ep.support_images.shape[0]], maps[ep.support_images.shape[0] :]
         ways = ep.ways
         classes = []
         for k in range(ways):
@@ -157,9 +159,7 @@ def manual_scores(learner: RelationNet, ep: Episode, reduce: str) -> torch.Tenso
             for m in members[1:]:
                 total = total + m
             classes.append(total / len(members) if reduce == "mean" else total)
-        rows = [
-            [learner.relation(torch.cat([classes[k], q]).unsqueeze(0)).item() for k in range(ways)] for q in query
-        ]
+        rows = [[learner.relation(torch.cat([classes[k], q]).unsqueeze(0)).item() for k in range(ways)] for q in query]
     return torch.sigmoid(torch.tensor(rows))
 
 
@@ -208,8 +208,20 @@ def test_softmax_loss_is_cross_entropy_of_the_raw_scores():
 
 
 def test_cli_builds_relationnet_with_mse_and_the_runs_image_size():
-    flags = ["--method", "relationnet", "--dataset", "glyphs", "--backbone", "resnet10", "--stem", "small",
-             "--width", "2", "--device", "cpu"]
+    flags = [
+        "--method",
+        "relationnet",
+        "--dataset",
+        "glyphs",
+        "--backbone",
+        "resnet10",
+        "--stem",
+        "small",
+        "--width",
+        "2",
+        "--device",
+        "cpu",
+    ]
     learner, _ = build_learner(resolve(build_parser().parse_args(flags)), in_channels=1)
     assert learner.loss_type == "mse" and learner.class_map == "mean"
     assert learner.map_shape == (16, 4, 4)  # 28 px glyphs through the small stem
@@ -250,8 +262,11 @@ def test_acdc_backbone_trains_and_the_relation_module_stays_dense():
 
 # ----------------------------------------------------------------------------- errors
 def test_backbone_without_feature_maps_is_rejected():
-    with pytest.raises(ValueError, match=r"scores feature maps: the backbone needs forward_map\(x\) and "
-                                         r"feature_map_shape\(image_size\); Flatten has not both"):
+    with pytest.raises(
+        ValueError,
+        match=r"scores feature maps: the backbone needs forward_map\(x\) and "
+        r"feature_map_shape\(image_size\); Flatten has not both",
+    ):
         RelationNet(nn.Flatten(), 5, image_size=28)
 
     class Vectors(Backbone):
@@ -262,8 +277,9 @@ def test_backbone_without_feature_maps_is_rejected():
 
 
 def test_image_size_is_needed_where_the_backbone_does_not_fix_it():
-    with pytest.raises(ValueError, match="relationnet option image_size is needed to size the relation module "
-                                         "for ResNet"):
+    with pytest.raises(
+        ValueError, match="relationnet option image_size is needed to size the relation module for ResNet"
+    ):
         RelationNet(create_backbone("resnet10", width=2), 5)
     conv4 = create_backbone("conv4", image_size=28, width=4)
     assert RelationNet(conv4, 5).map_shape == (4, 1, 1)  # conv4 knows its image size
@@ -273,6 +289,9 @@ def test_image_size_is_needed_where_the_backbone_does_not_fix_it():
 
 def test_images_of_another_size_than_built_for_are_rejected():
     learner = RelationNet(create_backbone("resnet10", stem="small", width=2), 5, image_size=28)
-    with pytest.raises(ValueError, match=r"built for feature maps of shape \(N, 16, 4, 4\); for 10 images of "
-                                         r"\(3, 84, 84\) the backbone returned \(10, 16, 11, 11\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"built for feature maps of shape \(N, 16, 4, 4\); for 10 images of "
+        r"\(3, 84, 84\) the backbone returned \(10, 16, 11, 11\)",
+    ):
         learner.loss(image_episode(5, 1, 1, 84))

@@ -3,9 +3,11 @@
 A block is a run of consecutive decomposed convs, in forward execution order, with the same number of
 output channels and the same output feature-map size (ResNet: one per stage, VGG16: 5, WRN: 3).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Optional, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,8 +47,9 @@ def _describe(example_input: Any) -> str:
     return f"the given example_input ({type(example_input).__name__})"
 
 
-def infer_blocks(model: nn.Module, convs: Sequence[tuple[str, nn.Module]], example_input: Any = None,
-                 block_of: Optional[BlockOf] = None) -> dict[str, Hashable]:
+def infer_blocks(
+    model: nn.Module, convs: Sequence[tuple[str, nn.Module]], example_input: Any = None, block_of: BlockOf | None = None
+) -> dict[str, Hashable]:
     """Block key of each conv in ``convs`` (name -> key; convs with equal keys share a block).
 
     With ``block_of`` the key is ``block_of(name, conv)``. Otherwise the model is run once on
@@ -66,6 +69,7 @@ def infer_blocks(model: nn.Module, convs: Sequence[tuple[str, nn.Module]], examp
                 seen[name] = (len(seen), tuple(out.shape[1:]))  # (order, (channels, H, W))
                 if len(seen) == len(convs):
                     raise _TraceComplete
+
         return hook
 
     handles = [conv.register_forward_hook(make_hook(name)) for name, conv in convs]
@@ -80,7 +84,8 @@ def infer_blocks(model: nn.Module, convs: Sequence[tuple[str, nn.Module]], examp
         raise ValueError(
             f"could not infer ACDC blocks by running the model on {_describe(example_input)} "
             f"({type(exc).__name__}: {exc}); pass example_input=<a batch the model accepts> or "
-            f"block_of=<function (name, conv) -> block key>") from exc
+            f"block_of=<function (name, conv) -> block key>"
+        ) from exc
     finally:
         for h in handles:
             h.remove()
@@ -90,10 +95,11 @@ def infer_blocks(model: nn.Module, convs: Sequence[tuple[str, nn.Module]], examp
     if missing:
         raise ValueError(
             f"the forward pass on {_describe(example_input)} never ran conv(s) {', '.join(map(repr, missing))}, "
-            f"so their block is unknown; pass block_of=<function (name, conv) -> block key>")
+            f"so their block is unknown; pass block_of=<function (name, conv) -> block key>"
+        )
     keys: dict[str, Hashable] = {}
     block, previous = -1, None
-    for name, (order, shape) in sorted(seen.items(), key=lambda item: item[1][0]):
+    for name, (_order, shape) in sorted(seen.items(), key=lambda item: item[1][0]):
         if shape != previous:
             block, previous = block + 1, shape
         keys[name] = block

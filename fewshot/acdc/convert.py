@@ -13,9 +13,11 @@ Scopes (see ``docs/acdc-method.md``):
 Every owner is sized to the largest corner its convs read (for grouped scopes ``s x s``, smaller only when
 all its convs are narrower than ``s``, e.g. a ``g-layer`` 3->16 stem with ``s = 32``).
 """
+
 from __future__ import annotations
 
-from typing import Any, Hashable, Optional
+from collections.abc import Hashable
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +25,7 @@ from torch import nn
 from fewshot.acdc.blocks import BlockOf, infer_blocks
 from fewshot.acdc.layer import ACDCConv2d, SharedCoefficients, check_atom_drop, grouped_layout_error
 
-__all__ = ["SCOPES", "GROUPED_SCOPES", "convert", "check_scope_args", "is_imagenet_stem", "owner_shape",
-           "build_owners"]
+__all__ = ["SCOPES", "GROUPED_SCOPES", "convert", "check_scope_args", "is_imagenet_stem", "owner_shape", "build_owners"]
 
 SCOPES: tuple[str, ...] = ("net", "block", "layer", "g-net", "g-block", "g-layer")
 GROUPED_SCOPES: tuple[str, ...] = ("g-net", "g-block", "g-layer")
@@ -42,8 +43,10 @@ def check_scope_args(scope: object, atoms: object, group_size: object, atom_drop
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
     elif group_size is not None:
-        raise ValueError(f"group_size={group_size!r} is only used by the grouped scopes "
-                         f"{', '.join(GROUPED_SCOPES)}; scope {scope!r} takes group_size=None")
+        raise ValueError(
+            f"group_size={group_size!r} is only used by the grouped scopes "
+            f"{', '.join(GROUPED_SCOPES)}; scope {scope!r} takes group_size=None"
+        )
     check_atom_drop(atom_drop)
 
 
@@ -57,8 +60,10 @@ def _plan(model: nn.Module, decompose_stem: bool) -> list[tuple[str, nn.Conv2d]]
     """The convs to decompose, in registration order, after checking that each can be decomposed."""
     for name, module in model.named_modules():
         if isinstance(module, ACDCConv2d):
-            raise ValueError(f"the model already contains ACDC convs (e.g. {name!r}); "
-                             f"use fewshot.acdc.expand() to change the scope or the number of atoms")
+            raise ValueError(
+                f"the model already contains ACDC convs (e.g. {name!r}); "
+                f"use fewshot.acdc.expand() to change the scope or the number of atoms"
+            )
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     plan = []
     for index, (name, conv) in enumerate(convs):
@@ -67,28 +72,34 @@ def _plan(model: nn.Module, decompose_stem: bool) -> list[tuple[str, nn.Conv2d]]
         if index == 0 and not decompose_stem and is_imagenet_stem(conv):
             continue  # the ImageNet 7x7 stem stays dense by default
         if type(conv) is not nn.Conv2d:
-            raise ValueError(f"layer {name!r} is a {type(conv).__name__} (a subclass of nn.Conv2d with its own "
-                             f"behaviour); convert() only replaces plain nn.Conv2d layers")
+            raise ValueError(
+                f"layer {name!r} is a {type(conv).__name__} (a subclass of nn.Conv2d with its own "
+                f"behaviour); convert() only replaces plain nn.Conv2d layers"
+            )
         if conv.groups != 1:
-            raise ValueError(f"layer {name!r} is a grouped conv (groups={conv.groups}, kernel {conv.kernel_size}); "
-                             f"ACDC decomposes only convs with groups=1 (1x1 grouped convs stay dense)")
+            raise ValueError(
+                f"layer {name!r} is a grouped conv (groups={conv.groups}, kernel {conv.kernel_size}); "
+                f"ACDC decomposes only convs with groups=1 (1x1 grouped convs stay dense)"
+            )
         plan.append((name, conv))
     if not plan:
-        raise ValueError("the model has no conv with a kernel larger than 1x1 to decompose "
-                         "(1x1 convs and the 7x7 stem stay dense; pass decompose_stem=True for the stem)")
+        raise ValueError(
+            "the model has no conv with a kernel larger than 1x1 to decompose "
+            "(1x1 convs and the 7x7 stem stay dense; pass decompose_stem=True for the stem)"
+        )
     return plan
 
 
-def owner_shape(convs: list[nn.Module], group_size: Optional[int]) -> tuple[int, int]:
+def owner_shape(convs: list[nn.Module], group_size: int | None) -> tuple[int, int]:
     """``(rows, cols)`` of the coefficient tensor shared by ``convs``: the largest corner they read."""
     if group_size is None:
         return max(c.out_channels for c in convs), max(c.in_channels for c in convs)
-    return (max(min(group_size, c.out_channels) for c in convs),
-            max(min(group_size, c.in_channels) for c in convs))
+    return (max(min(group_size, c.out_channels) for c in convs), max(min(group_size, c.in_channels) for c in convs))
 
 
-def scope_keys(model: nn.Module, convs: list[tuple[str, nn.Module]], scope: str, example_input: Any,
-               block_of: Optional[BlockOf]) -> dict[str, Hashable]:
+def scope_keys(
+    model: nn.Module, convs: list[tuple[str, nn.Module]], scope: str, example_input: Any, block_of: BlockOf | None
+) -> dict[str, Hashable]:
     """Owner key of each conv for ``scope``: convs with equal keys share one coefficient tensor."""
     level = scope.removeprefix("g-")
     if level == "net":
@@ -98,8 +109,9 @@ def scope_keys(model: nn.Module, convs: list[tuple[str, nn.Module]], scope: str,
     return infer_blocks(model, convs, example_input, block_of)
 
 
-def build_owners(convs: list[tuple[str, nn.Module]], keys: dict[str, Hashable], atoms: int,
-                 group_size: Optional[int]) -> dict[Hashable, SharedCoefficients]:
+def build_owners(
+    convs: list[tuple[str, nn.Module]], keys: dict[str, Hashable], atoms: int, group_size: int | None
+) -> dict[Hashable, SharedCoefficients]:
     """One freshly initialized :class:`SharedCoefficients` per key, sized by :func:`owner_shape`."""
     members: dict[Hashable, list[nn.Module]] = {}
     for name, conv in convs:
@@ -120,9 +132,16 @@ def replace_modules(model: nn.Module, replacement: dict[int, nn.Module]) -> None
                 setattr(module, child_name, replacement[id(child)])
 
 
-def convert(model: nn.Module, scope: str, atoms: int = 8, group_size: Optional[int] = None,
-            atom_drop: float = 0.1, decompose_stem: bool = False, example_input: Any = None,
-            block_of: Optional[BlockOf] = None) -> nn.Module:
+def convert(
+    model: nn.Module,
+    scope: str,
+    atoms: int = 8,
+    group_size: int | None = None,
+    atom_drop: float = 0.1,
+    decompose_stem: bool = False,
+    example_input: Any = None,
+    block_of: BlockOf | None = None,
+) -> nn.Module:
     """Replace the convs of ``model`` (in place) by :class:`ACDCConv2d` sharing coefficients; return it.
 
     Decomposed: every ``nn.Conv2d`` with a kernel larger than 1x1 (``groups=1``). Kept dense: 1x1 convs,
@@ -146,16 +165,29 @@ def convert(model: nn.Module, scope: str, atoms: int = 8, group_size: Optional[i
         for name, conv in plan:
             problem = grouped_layout_error(conv.in_channels, conv.out_channels, group_size)
             if problem:
-                raise ValueError(f"layer {name!r} ({conv.in_channels} -> {conv.out_channels} channels) cannot use "
-                                 f"scope {scope!r}: {problem}")
+                raise ValueError(
+                    f"layer {name!r} ({conv.in_channels} -> {conv.out_channels} channels) cannot use "
+                    f"scope {scope!r}: {problem}"
+                )
     keys = scope_keys(model, plan, scope, example_input, block_of)
     owners = build_owners(plan, keys, atoms, group_size)
     replacement: dict[int, nn.Module] = {}
     for name, conv in plan:
-        new = ACDCConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, shared=owners[keys[name]],
-                         stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                         bias=conv.bias is not None, padding_mode=conv.padding_mode, group_size=group_size,
-                         atom_drop=atom_drop, device=conv.weight.device, dtype=conv.weight.dtype)
+        new = ACDCConv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            shared=owners[keys[name]],
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            group_size=group_size,
+            atom_drop=atom_drop,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
         if conv.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(conv.bias)

@@ -8,9 +8,11 @@ ACDC model so that it computes the same function at the moment of expansion.
   so it is unchanged; training then moves the new coefficients away from zero (their gradient is
   ``sum dL/dK * D[k]``, not zero, while the new atoms' gradient starts at zero).
 """
+
 from __future__ import annotations
 
-from typing import Any, Hashable, Optional
+from collections.abc import Hashable
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,8 +30,10 @@ _LEVEL = {"net": 0, "block": 1, "layer": 2}
 def _current_scope(convs: list[tuple[str, ACDCConv2d]]) -> tuple[str, int]:
     scopes = {c.scope for _, c in convs}
     if len(scopes) != 1 or None in scopes:
-        raise ValueError(f"expand() needs a model made by convert() with one scope; its ACDC convs have scopes "
-                         f"{sorted(map(repr, scopes))}")
+        raise ValueError(
+            f"expand() needs a model made by convert() with one scope; its ACDC convs have scopes "
+            f"{sorted(map(repr, scopes))}"
+        )
     atoms = {c.num_atoms for _, c in convs}
     if len(atoms) != 1:
         raise ValueError(f"expand() needs every ACDC conv to have the same number of atoms; found {sorted(atoms)}")
@@ -40,8 +44,9 @@ def _check_target(current: str, target: object, atoms: int, new_atoms: object) -
     if target not in SCOPES:
         raise ValueError(f"unknown ACDC scope {target!r}; valid scopes: {', '.join(SCOPES)}")
     if (target in GROUPED_SCOPES) != (current in GROUPED_SCOPES):
-        raise ValueError(f"cannot expand scope {current!r} to {target!r}: grouped (g-*) and plain scopes do not "
-                         f"turn into each other")
+        raise ValueError(
+            f"cannot expand scope {current!r} to {target!r}: grouped (g-*) and plain scopes do not turn into each other"
+        )
     if _LEVEL[target.removeprefix("g-")] < _LEVEL[current.removeprefix("g-")]:
         order = "g-net -> g-block -> g-layer" if current in GROUPED_SCOPES else "net -> block -> layer"
         raise ValueError(f"cannot tighten sharing from {current!r} to {target!r}; expand() only relaxes it: {order}")
@@ -59,8 +64,13 @@ def _grown_atoms(atoms: nn.Parameter, new_atoms: int) -> nn.Parameter:
     return nn.Parameter(grown, requires_grad=atoms.requires_grad)
 
 
-def expand(model: nn.Module, scope: Optional[str] = None, atoms: Optional[int] = None,
-           example_input: Any = None, block_of: Optional[BlockOf] = None) -> nn.Module:
+def expand(
+    model: nn.Module,
+    scope: str | None = None,
+    atoms: int | None = None,
+    example_input: Any = None,
+    block_of: BlockOf | None = None,
+) -> nn.Module:
     """Relax the sharing of ``model``'s ACDC convs to ``scope`` and/or grow them to ``atoms`` atoms, in place.
 
     The model computes the same function right after the call (see the module docstring). Trained values

@@ -16,11 +16,12 @@ conv with ``c_in / s`` conv groups, so input group ``i`` feeds the ``c_out / c_i
 groups ``i*r .. i*r + r - 1``; when ``c_in < s`` there is one conv group and every output group reads all
 inputs through ``A[:s, :c_in]``. A ShuffleNet channel shuffle over the ``g`` output groups follows.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ __all__ = ["SharedCoefficients", "ACDCConv2d", "channel_shuffle", "grouped_layou
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 EVALUATIONS = ("auto", "kernel", "two-stage")
-_PaddingArg = Union[str, int, tuple[int, int]]
+_PaddingArg = str | int | tuple[int, int]
 
 
 def _check_positive_int(value: object, what: str) -> int:
@@ -47,7 +48,7 @@ def check_atom_drop(p: object) -> float:
     return float(p)
 
 
-def grouped_layout_error(in_channels: int, out_channels: int, group_size: int) -> Optional[str]:
+def grouped_layout_error(in_channels: int, out_channels: int, group_size: int) -> str | None:
     """Why a conv with these channels cannot use filter groups of ``group_size`` channels (None: it can).
 
     Valid layouts: ``c_out`` a multiple of ``s`` (or ``c_out < s``: one group of ``c_out`` channels), and
@@ -55,15 +56,21 @@ def grouped_layout_error(in_channels: int, out_channels: int, group_size: int) -
     """
     s = group_size
     if out_channels >= s and out_channels % s != 0:
-        return (f"out_channels={out_channels} is not divisible by group_size={s}; "
-                f"use a group_size that divides every decomposed layer's channels")
+        return (
+            f"out_channels={out_channels} is not divisible by group_size={s}; "
+            f"use a group_size that divides every decomposed layer's channels"
+        )
     if in_channels >= s and in_channels % s != 0:
-        return (f"in_channels={in_channels} is not divisible by group_size={s}; "
-                f"use a group_size that divides every decomposed layer's channels")
+        return (
+            f"in_channels={in_channels} is not divisible by group_size={s}; "
+            f"use a group_size that divides every decomposed layer's channels"
+        )
     if in_channels >= s and out_channels % in_channels != 0:
-        return (f"out_channels={out_channels} is not a multiple of in_channels={in_channels}; grouped ACDC "
-                f"supports layers that keep or multiply their width (each input group feeds "
-                f"out/in consecutive output groups)")
+        return (
+            f"out_channels={out_channels} is not a multiple of in_channels={in_channels}; grouped ACDC "
+            f"supports layers that keep or multiply their width (each input group feeds "
+            f"out/in consecutive output groups)"
+        )
     return None
 
 
@@ -99,7 +106,7 @@ class SharedCoefficients(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def holding(cls, coefficients: nn.Parameter) -> "SharedCoefficients":
+    def holding(cls, coefficients: nn.Parameter) -> SharedCoefficients:
         """A new holder registering the given Parameter (no copy, no init)."""
         if not isinstance(coefficients, nn.Parameter) or coefficients.dim() != 3:
             raise TypeError("SharedCoefficients.holding needs a 3-dimensional nn.Parameter (rows, cols, atoms)")
@@ -108,7 +115,7 @@ class SharedCoefficients(nn.Module):
         holder.coefficients = coefficients
         return holder
 
-    def tie(self) -> "SharedCoefficients":
+    def tie(self) -> SharedCoefficients:
         """A new holder of this holder's Parameter (what each conv of a scope registers)."""
         return type(self).holding(self.coefficients)
 
@@ -145,8 +152,7 @@ def init_atoms_(atoms: Tensor) -> Tensor:
     return atoms
 
 
-def _reversed_padding(padding: _PaddingArg, kernel_size: tuple[int, int],
-                      dilation: tuple[int, int]) -> list[int]:
+def _reversed_padding(padding: _PaddingArg, kernel_size: tuple[int, int], dilation: tuple[int, int]) -> list[int]:
     """Padding as ``F.pad`` wants it (last dim first, left/right), for non-zero padding modes."""
     if padding == "valid":
         return [0, 0, 0, 0]
@@ -160,8 +166,13 @@ def _reversed_padding(padding: _PaddingArg, kernel_size: tuple[int, int],
     return [pw, pw, ph, ph]
 
 
-def _output_area(size: Sequence[int], padding: _PaddingArg, kernel_size: tuple[int, int],
-                 stride: tuple[int, int], dilation: tuple[int, int]) -> int:
+def _output_area(
+    size: Sequence[int],
+    padding: _PaddingArg,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> int:
     """``H_out * W_out`` of a convolution of an ``H x W`` input (the formula of ``nn.Conv2d``)."""
     if padding == "same":
         return size[0] * size[1]
@@ -193,11 +204,24 @@ class ACDCConv2d(nn.Module):
             ``m`` atoms per forward pass, per group for grouped layers; survivors scaled by ``1/(1-p)``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, tuple[int, int]],
-                 atoms: Optional[int] = None, shared: Optional[SharedCoefficients] = None, *,
-                 stride: Union[int, tuple[int, int]] = 1, padding: _PaddingArg = 0,
-                 dilation: Union[int, tuple[int, int]] = 1, bias: bool = True, padding_mode: str = "zeros",
-                 group_size: Optional[int] = None, atom_drop: float = 0.1, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        atoms: int | None = None,
+        shared: SharedCoefficients | None = None,
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: _PaddingArg = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        group_size: int | None = None,
+        atom_drop: float = 0.1,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         _check_positive_int(in_channels, "in_channels")
         _check_positive_int(out_channels, "out_channels")
@@ -221,9 +245,9 @@ class ACDCConv2d(nn.Module):
         self.padding_mode = padding_mode
         self._pad_for_mode = _reversed_padding(self.padding, self.kernel_size, self.dilation)
         self.atom_drop = check_atom_drop(atom_drop)
-        self._held_mask: Optional[tuple[Optional[Tensor]]] = None  # set by hold_atom_masks()
+        self._held_mask: tuple[Tensor | None] | None = None  # set by hold_atom_masks()
         self.evaluation = "auto"
-        self.scope: Optional[str] = None  # set by convert()/expand()
+        self.scope: str | None = None  # set by convert()/expand()
 
         if group_size is not None:
             _check_positive_int(group_size, "group_size")
@@ -242,15 +266,17 @@ class ACDCConv2d(nn.Module):
         if atoms is not None and atoms != shared.num_atoms:
             raise ValueError(f"atoms={atoms} but the shared coefficients hold {shared.num_atoms} atoms")
         if shared.rows < rows or shared.cols < cols:
-            raise ValueError(f"shared coefficients of shape {tuple(shared.coefficients.shape)} are too small "
-                             f"for a layer that uses A[:{rows}, :{cols}]")
+            raise ValueError(
+                f"shared coefficients of shape {tuple(shared.coefficients.shape)} are too small "
+                f"for a layer that uses A[:{rows}, :{cols}]"
+            )
         self.shared = shared.tie()
         m = shared.num_atoms
         kh, kw = self.kernel_size
         atom_shape = (m, kh, kw) if group_size is None else (self.num_groups, m, kh, kw)
         self.atoms = nn.Parameter(init_atoms_(torch.empty(atom_shape, device=device, dtype=dtype)))
         if bias:
-            self.bias: Optional[nn.Parameter] = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
+            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
             bound = 1.0 / math.sqrt(in_channels * kh * kw)  # nn.Conv2d's default bias init
             nn.init.uniform_(self.bias, -bound, bound)
         else:
@@ -310,7 +336,7 @@ class ACDCConv2d(nn.Module):
         return a[:rows, :cols]
 
     # ---- kernel ---------------------------------------------------------------------------------
-    def sample_atom_mask(self) -> Optional[Tensor]:
+    def sample_atom_mask(self) -> Tensor | None:
         """A fresh keep-mask (already scaled by ``1/(1-p)``) in training mode, else None.
 
         Inside :func:`hold_atom_masks` every forward gets the held mask instead (or None: no atom-drop).
@@ -319,7 +345,7 @@ class ACDCConv2d(nn.Module):
             return self._held_mask[0]
         return self.draw_atom_mask()
 
-    def draw_atom_mask(self) -> Optional[Tensor]:
+    def draw_atom_mask(self) -> Tensor | None:
         """A newly drawn keep-mask in training mode (None in eval mode or without atom-drop)."""
         p = self.atom_drop
         if not self.training or p == 0.0:
@@ -328,7 +354,7 @@ class ACDCConv2d(nn.Module):
         keep = torch.full(self.atoms.shape[:-2], 1.0 - p, device=self.atoms.device, dtype=self.atoms.dtype)
         return torch.bernoulli(keep) / (1.0 - p)
 
-    def kernel(self, atom_mask: Optional[Tensor] = None) -> Tensor:
+    def kernel(self, atom_mask: Tensor | None = None) -> Tensor:
         """The ``F.conv2d`` weight, ``(c_out, c_in / conv_groups, kh, kw)``, before the channel shuffle.
 
         ``atom_mask`` (shape ``atoms.shape[:-2]``) multiplies the atoms; None means no atom-drop.
@@ -380,8 +406,7 @@ class ACDCConv2d(nn.Module):
         positions = x.shape[0] * _output_area(x.shape[-2:], padding, self.kernel_size, self.stride, self.dilation)
         return positions * self.num_atoms <= self.out_channels * kh * kw
 
-    def _two_stage(self, x: Tensor, mask: Optional[Tensor], bias: Optional[Tensor],
-                   padding: _PaddingArg) -> Tensor:
+    def _two_stage(self, x: Tensor, mask: Tensor | None, bias: Tensor | None, padding: _PaddingArg) -> Tensor:
         n, c, h, w = x.shape
         m = self.num_atoms
         d = self.atoms if mask is None else self.atoms * mask[:, None, None]
@@ -392,8 +417,10 @@ class ACDCConv2d(nn.Module):
         return F.conv2d(z, mix, bias)
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"atoms={self.num_atoms}, stride={self.stride}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"atoms={self.num_atoms}, stride={self.stride}"
+        )
         if self.padding not in ((0, 0), "valid"):
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):

@@ -1,5 +1,6 @@
 """Finding the ACDC convs and parameters of a model (e.g. to give atoms and coefficients their own
 learning rates, or to adapt only the atoms in a meta-learning inner loop)."""
+
 from __future__ import annotations
 
 from torch import nn

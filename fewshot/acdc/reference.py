@@ -2,9 +2,8 @@
 
 These are for checking and inspection (tests, interpretation), not for running the network.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ def _input_channels_of_group(conv: ACDCConv2d, j: int) -> range:
     return range(i * s, (i + 1) * s)
 
 
-def _group_atoms(conv: ACDCConv2d, j: int, atom_mask: Optional[Tensor]) -> Tensor:
+def _group_atoms(conv: ACDCConv2d, j: int, atom_mask: Tensor | None) -> Tensor:
     d = conv.atoms if conv.group_size is None else conv.atoms[j]
     if atom_mask is not None:
         m = atom_mask if conv.group_size is None else atom_mask[j]
@@ -33,7 +32,7 @@ def _group_atoms(conv: ACDCConv2d, j: int, atom_mask: Optional[Tensor]) -> Tenso
     return d
 
 
-def reconstruct_kernel(conv: ACDCConv2d, atom_mask: Optional[Tensor] = None) -> Tensor:
+def reconstruct_kernel(conv: ACDCConv2d, atom_mask: Tensor | None = None) -> Tensor:
     """Dense ``(c_out, c_in, kh, kw)`` kernel with ``F.conv2d(x, K, conv.bias, ...)`` equal to ``conv(x)``.
 
     Built group by group with an explicit loop (independent of the layer's einsum); for grouped layers the
@@ -46,13 +45,13 @@ def reconstruct_kernel(conv: ACDCConv2d, atom_mask: Optional[Tensor] = None) -> 
     for j in range(g):
         cols = _input_channels_of_group(conv, j)
         d = _group_atoms(conv, j, atom_mask)  # (m, kh, kw)
-        block = (a[:, :len(cols), :, None, None] * d[None, None]).sum(dim=2)  # (s, |cols|, kh, kw)
-        pre[j * s:(j + 1) * s, cols.start:cols.stop] = block
+        block = (a[:, : len(cols), :, None, None] * d[None, None]).sum(dim=2)  # (s, |cols|, kh, kw)
+        pre[j * s : (j + 1) * s, cols.start : cols.stop] = block
     # shuffle: pre-shuffle output channel j*s+t becomes channel t*g+j
     return pre.view(g, s, conv.in_channels, kh, kw).transpose(0, 1).reshape(conv.out_channels, conv.in_channels, kh, kw)
 
 
-def two_sublayer_forward(conv: ACDCConv2d, x: Tensor, atom_mask: Optional[Tensor] = None) -> Tensor:
+def two_sublayer_forward(conv: ACDCConv2d, x: Tensor, atom_mask: Tensor | None = None) -> Tensor:
     """``conv(x)`` computed as in the paper's Sec. 3.1, group by group.
 
     Atom sub-layer: every input channel convolved with each of the ``m`` atoms (a depthwise conv,
@@ -68,12 +67,12 @@ def two_sublayer_forward(conv: ACDCConv2d, x: Tensor, atom_mask: Optional[Tensor
     outs = []
     for j in range(conv.num_groups):
         cols = _input_channels_of_group(conv, j)
-        xj = x[:, cols.start:cols.stop]
+        xj = x[:, cols.start : cols.stop]
         d = _group_atoms(conv, j, atom_mask)
         m = d.shape[0]
         atom_weight = d.repeat(len(cols), 1, 1).unsqueeze(1)  # channel c*m+k holds atom k of input c
         z = F.conv2d(xj, atom_weight, None, conv.stride, padding, conv.dilation, groups=len(cols))
-        coef = a[:, :len(cols)].reshape(a.shape[0], len(cols) * m, 1, 1)
+        coef = a[:, : len(cols)].reshape(a.shape[0], len(cols) * m, 1, 1)
         outs.append(F.conv2d(z, coef))
     y = channel_shuffle(torch.cat(outs, dim=1), conv.num_groups)
     if conv.bias is not None:

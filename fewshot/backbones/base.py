@@ -1,8 +1,9 @@
 """What every backbone shares: ``out_features``, its last feature map, an optional linear head, and its ACDC
 block structure."""
+
 from __future__ import annotations
 
-from typing import Hashable
+from collections.abc import Hashable
 
 from torch import Tensor, nn
 

@@ -1,4 +1,5 @@
 """Conv4 of Chen et al. (2019): four [conv3x3 (with bias), BatchNorm, ReLU, max-pool 2] blocks, flattened."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn

@@ -1,8 +1,10 @@
 """The backbone registry: ``register_backbone``, ``create_backbone`` and ``list_backbones``."""
+
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from torch import nn
 

@@ -11,9 +11,10 @@ Adaptive average pooling makes every ResNet accept any input size. ``forward_map
 map before that pooling: ``(out_features, s, s)`` where ``s`` is the image size halved (rounding up) five
 times with the ImageNet stem (7 at 224 px, 3 at 84 px) and three times with the small stem (4 at 28 px).
 """
+
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 from torch import Tensor, nn
 
@@ -144,21 +145,27 @@ def _stage_widths(width: int) -> tuple[int, int, int, int]:
 def resnet10(num_classes: int = 0, *, stem: str = "imagenet", in_channels: int = 3, width: int = 64) -> ResNet:
     """Few-shot ResNet10 (Chen et al.): basic blocks [1,1,1,1]; 4,905,792 parameters; 512 features.
     ``width`` scales the stages to width-2·width-4·width-8·width (64 = Chen et al.)."""
-    return ResNet(BasicBlock, (1, 1, 1, 1), num_classes, stem=stem, in_channels=in_channels, widths=_stage_widths(width))
+    return ResNet(
+        BasicBlock, (1, 1, 1, 1), num_classes, stem=stem, in_channels=in_channels, widths=_stage_widths(width)
+    )
 
 
 @register_backbone("resnet18")
 def resnet18(num_classes: int = 0, *, stem: str = "imagenet", in_channels: int = 3, width: int = 64) -> ResNet:
     """Few-shot ResNet18 (Chen et al.): basic blocks [2,2,2,2]; 11,176,512 parameters; 512 features.
     ``width`` scales the stages to width-2·width-4·width-8·width (64 = Chen et al.)."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, stem=stem, in_channels=in_channels, widths=_stage_widths(width))
+    return ResNet(
+        BasicBlock, (2, 2, 2, 2), num_classes, stem=stem, in_channels=in_channels, widths=_stage_widths(width)
+    )
 
 
 @register_backbone("resnet34")
 def resnet34(num_classes: int = 0, *, stem: str = "imagenet", in_channels: int = 3, width: int = 64) -> ResNet:
     """Few-shot ResNet34 (Chen et al.): basic blocks [3,4,6,3]; 21,284,672 parameters; 512 features.
     ``width`` scales the stages to width-2·width-4·width-8·width (64 = Chen et al.)."""
-    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes, stem=stem, in_channels=in_channels, widths=_stage_widths(width))
+    return ResNet(
+        BasicBlock, (3, 4, 6, 3), num_classes, stem=stem, in_channels=in_channels, widths=_stage_widths(width)
+    )
 
 
 @register_backbone("resnet18_cifar")

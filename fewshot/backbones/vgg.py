@@ -1,4 +1,5 @@
 """VGG16 with BatchNorm for CIFAR: 13 conv3x3-BN-ReLU layers in five stages, each ending in a 2x2 max-pool."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn

@@ -1,7 +1,8 @@
 """Wide ResNets (Zagoruyko & Komodakis): pre-activation basic blocks in three groups of widths 16k, 32k, 64k."""
+
 from __future__ import annotations
 
-from typing import Hashable
+from collections.abc import Hashable
 
 from torch import Tensor, nn
 

@@ -1,11 +1,12 @@
 """What the command lines share: the one-line error parser and the option groups that mean the same in
 every command (backbone and ACDC, run folder and device)."""
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from fewshot.acdc import SCOPES
 
@@ -20,20 +21,27 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def add_backbone_options(parser: argparse.ArgumentParser, backbones: Sequence[str] | None, default: str | None,
-                         atom_drop: float = 0.1) -> argparse._ArgumentGroup:
+def add_backbone_options(
+    parser: argparse.ArgumentParser, backbones: Sequence[str] | None, default: str | None, atom_drop: float = 0.1
+) -> argparse._ArgumentGroup:
     """``--backbone`` (one of ``backbones``; None: any name of the registry, checked when built), ``--stem``,
     ``--width``, and the ACDC options ``--acdc``, ``--atoms``, ``--group-size``, ``--atom-drop``."""
     group = parser.add_argument_group("backbone")
     if backbones is None:
-        group.add_argument("--backbone", required=default is None, default=default,
-                           help="a name of fewshot.list_backbones()")
+        group.add_argument(
+            "--backbone", required=default is None, default=default, help="a name of fewshot.list_backbones()"
+        )
     else:
         group.add_argument("--backbone", choices=backbones, default=default)
-    group.add_argument("--stem", choices=("imagenet", "small"), default=None,
-                       help="ResNet stem: imagenet (7x7/2 + max-pool, Chen et al.) or small (3x3/1)")
-    group.add_argument("--width", type=int, default=None,
-                       help="channels of the first stage (ResNets: 64 = Chen et al.; conv4: 64)")
+    group.add_argument(
+        "--stem",
+        choices=("imagenet", "small"),
+        default=None,
+        help="ResNet stem: imagenet (7x7/2 + max-pool, Chen et al.) or small (3x3/1)",
+    )
+    group.add_argument(
+        "--width", type=int, default=None, help="channels of the first stage (ResNets: 64 = Chen et al.; conv4: 64)"
+    )
     group.add_argument("--acdc", choices=ACDC_CHOICES, default="none", help="ACDC sharing scope (none = dense)")
     group.add_argument("--atoms", type=int, default=8, help="m, filter atoms per layer")
     group.add_argument("--group-size", type=int, default=None, help="s, channels per group (g-* scopes)")
@@ -47,8 +55,11 @@ def add_run_options(parser: argparse.ArgumentParser, default_out: str) -> argpar
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--out", default=None, help=f"run folder (default: {default_out})")
-    group.add_argument("--resume", action="store_true",
-                       help="continue the run in --out from its last.pt, to the same result as an uninterrupted run")
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last.pt, to the same result as an uninterrupted run",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     return group
 

@@ -4,23 +4,25 @@ Parse (flags + ``--config FILE.yaml``), check everything that can be checked bef
 build data, backbone and learner, meta-train (unless ``--eval-only``), evaluate on seeded test episodes
 and write ``result.json`` next to the saved config and checkpoints.
 """
+
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from fewshot.cli.common import OneLineParser, add_backbone_options, add_run_options, check_out_folder
 from fewshot.config import cli_main, parse_args_with_config, save_config
 from fewshot.evaluation import evaluate, result_record
-from fewshot.learners.maml import ATOM_DROP_MODES
-from fewshot.training.episodic import LR_SCHEDULES
 from fewshot.io import write_json
+from fewshot.learners.maml import ATOM_DROP_MODES
 from fewshot.training.budget import check_train_seconds
 from fewshot.training.distributed import resolve_device
+from fewshot.training.episodic import LR_SCHEDULES
 from fewshot.training.run_folder import BEST, CONFIG, LAST, RESULT
 
 FEWSHOT_BACKBONES = ("conv4", "resnet10", "resnet18", "resnet34")
@@ -28,10 +30,18 @@ DATASETS = ("miniimagenet", "glyphs")
 # Options that only some methods take: a user giving one to another method gets an error.
 # Each maps the CLI option to the learner's keyword (None: a training option, not the learner's).
 METHOD_OPTIONS: dict[str, dict[str, str | None]] = {
-    "maml": {"inner_steps": "inner_steps", "inner_lr": "inner_lr", "test_inner_steps": "test_inner_steps",
-             "test_inner_lr": "test_inner_lr", "first_order": "first_order", "adapt": "adapt",
-             "learn_inner_lr": "learn_inner_lr", "bn_mode": "bn_mode", "vectorize": "vectorize",
-             "inner_atom_drop": "inner_atom_drop"},
+    "maml": {
+        "inner_steps": "inner_steps",
+        "inner_lr": "inner_lr",
+        "test_inner_steps": "test_inner_steps",
+        "test_inner_lr": "test_inner_lr",
+        "first_order": "first_order",
+        "adapt": "adapt",
+        "learn_inner_lr": "learn_inner_lr",
+        "bn_mode": "bn_mode",
+        "vectorize": "vectorize",
+        "inner_atom_drop": "inner_atom_drop",
+    },
     "matchingnet": {"fce": "fce", "fce_steps": "fce_steps"},
     "relationnet": {"relation_loss": "loss"},
     "baseline": {"pretrain_epochs": None, "pretrain_batch": None, "head_epochs": "head_epochs"},
@@ -42,16 +52,28 @@ METHOD_OPTIONS: dict[str, dict[str, str | None]] = {
 LEARNER_RUN_SETTINGS: dict[str, tuple[str, ...]] = {"relationnet": ("image_size",)}
 # Defaults of the method options (Chen et al.'s settings); options left out here default in the learner.
 METHOD_DEFAULTS: dict[str, Any] = {
-    "inner_steps": 5, "inner_lr": 0.01, "first_order": False, "adapt": "all",
-    "learn_inner_lr": False, "bn_mode": "transductive", "vectorize": False, "inner_atom_drop": "step",
-    "pretrain_epochs": 400, "pretrain_batch": 16,
+    "inner_steps": 5,
+    "inner_lr": 0.01,
+    "first_order": False,
+    "adapt": "all",
+    "learn_inner_lr": False,
+    "bn_mode": "transductive",
+    "vectorize": False,
+    "inner_atom_drop": "step",
+    "pretrain_epochs": 400,
+    "pretrain_batch": 16,
 }
 # Options of episodic training, with their defaults; learners trained otherwise (Baseline, Baseline++:
 # supervised on the base classes) refuse them. meta_batch's default depends on the method (resolve).
 # --train-seconds is not among them: it bounds both kinds of training.
 EPISODIC_TRAINING_DEFAULTS: dict[str, Any] = {
-    "queries": 16, "train_episodes": 60000, "meta_batch": None, "val_every": 500, "val_episodes": 100,
-    "lr_schedule": "constant", "train_ways": None,
+    "queries": 16,
+    "train_episodes": 60000,
+    "meta_batch": None,
+    "val_every": 500,
+    "val_episodes": 100,
+    "lr_schedule": "constant",
+    "train_ways": None,
 }
 
 
@@ -74,28 +96,48 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     episodes = p.add_argument_group("episodes")
     episodes.add_argument("--ways", type=int, default=5)
     episodes.add_argument("--shots", type=int, default=1)
-    episodes.add_argument("--train-ways", type=int, default=None,
-                          help="classes per training episode (default --ways); ProtoNet, MatchingNet and "
-                               "RelationNet may train on more ways than they are tested on (Snell et al. "
-                               "2017); validation and test episodes always have --ways")
-    episodes.add_argument("--queries", type=int, default=None,
-                          help="query images per class in episodic training (16)")
+    episodes.add_argument(
+        "--train-ways",
+        type=int,
+        default=None,
+        help="classes per training episode (default --ways); ProtoNet, MatchingNet and "
+        "RelationNet may train on more ways than they are tested on (Snell et al. "
+        "2017); validation and test episodes always have --ways",
+    )
+    episodes.add_argument("--queries", type=int, default=None, help="query images per class in episodic training (16)")
     episodes.add_argument("--test-queries", type=int, default=15)
     train = p.add_argument_group("training")
-    train.add_argument("--train-episodes", type=int, default=None,
-                       help="episodic training: episodes in all, meta-batch × meta-steps (60000)")
-    train.add_argument("--meta-batch", type=int, default=None,
-                       help="episodic training: episodes per meta-update (4 for maml, 1 for the others)")
+    train.add_argument(
+        "--train-episodes",
+        type=int,
+        default=None,
+        help="episodic training: episodes in all, meta-batch × meta-steps (60000)",
+    )
+    train.add_argument(
+        "--meta-batch",
+        type=int,
+        default=None,
+        help="episodic training: episodes per meta-update (4 for maml, 1 for the others)",
+    )
     train.add_argument("--lr", type=float, default=1e-3, help="outer (Adam) learning rate")
-    train.add_argument("--train-seconds", type=float, default=None,
-                       help="also stop training after the meta-step (episodic) or batch (baseline, "
-                            "baseline_pp: --pretrain-epochs is then the upper bound) that passes this many "
-                            "seconds of training, validation included; then test as usual")
-    train.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
-                       help="episodic training: outer learning rate constant (default) or cosine-annealed "
-                            "to 0 over the budget (meta-steps, or --train-seconds where that ends first)")
-    train.add_argument("--val-every", type=int, default=None,
-                       help="episodic training: meta-steps between validations (500; 0: none)")
+    train.add_argument(
+        "--train-seconds",
+        type=float,
+        default=None,
+        help="also stop training after the meta-step (episodic) or batch (baseline, "
+        "baseline_pp: --pretrain-epochs is then the upper bound) that passes this many "
+        "seconds of training, validation included; then test as usual",
+    )
+    train.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=None,
+        help="episodic training: outer learning rate constant (default) or cosine-annealed "
+        "to 0 over the budget (meta-steps, or --train-seconds where that ends first)",
+    )
+    train.add_argument(
+        "--val-every", type=int, default=None, help="episodic training: meta-steps between validations (500; 0: none)"
+    )
     train.add_argument("--val-episodes", type=int, default=None, help="episodic training: validation episodes (100)")
     maml = p.add_argument_group("MAML")
     maml.add_argument("--inner-steps", type=int, default=None, help="inner SGD steps in training (5)")
@@ -103,36 +145,66 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     maml.add_argument("--test-inner-steps", type=int, default=None, help="default: --inner-steps")
     maml.add_argument("--test-inner-lr", type=float, default=None, help="default: --inner-lr")
     maml.add_argument("--first-order", action="store_true", default=None)
-    maml.add_argument("--adapt", default=None,
-                      help="all (default), atoms, coefficients, head, or a regular expression on names")
-    maml.add_argument("--learn-inner-lr", action="store_true", default=None,
-                      help="learn a step size per tensor and step (Meta-SGD / MAML++)")
+    maml.add_argument(
+        "--adapt", default=None, help="all (default), atoms, coefficients, head, or a regular expression on names"
+    )
+    maml.add_argument(
+        "--learn-inner-lr",
+        action="store_true",
+        default=None,
+        help="learn a step size per tensor and step (Meta-SGD / MAML++)",
+    )
     maml.add_argument("--bn-mode", choices=("transductive", "support"), default=None)
-    maml.add_argument("--inner-atom-drop", choices=ATOM_DROP_MODES, default=None,
-                      help="ACDC atom-drop in meta-training: step (a new mask at every inner step and at "
-                           "the query pass; default), task (one mask per task for all of them), query "
-                           "(none on the support steps, a mask at the query pass)")
-    maml.add_argument("--vectorize", action="store_true", default=None,
-                      help="run the tasks of a meta-batch and the test episodes of an --eval-batch "
-                           "through one torch.func.vmap (faster for narrow networks)")
+    maml.add_argument(
+        "--inner-atom-drop",
+        choices=ATOM_DROP_MODES,
+        default=None,
+        help="ACDC atom-drop in meta-training: step (a new mask at every inner step and at "
+        "the query pass; default), task (one mask per task for all of them), query "
+        "(none on the support steps, a mask at the query pass)",
+    )
+    maml.add_argument(
+        "--vectorize",
+        action="store_true",
+        default=None,
+        help="run the tasks of a meta-batch and the test episodes of an --eval-batch "
+        "through one torch.func.vmap (faster for narrow networks)",
+    )
     other = p.add_argument_group("MatchingNet, RelationNet, Baseline/Baseline++")
-    other.add_argument("--fce", action=argparse.BooleanOptionalAction, default=None,
-                       help="matchingnet: full-context embeddings (default on)")
+    other.add_argument(
+        "--fce",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="matchingnet: full-context embeddings (default on)",
+    )
     other.add_argument("--fce-steps", type=int, default=None, help="matchingnet: attention-LSTM steps")
     other.add_argument("--relation-loss", choices=("mse", "softmax"), default=None, help="relationnet loss")
-    other.add_argument("--pretrain-epochs", type=int, default=None,
-                       help="baseline(_pp): epochs of supervised training on the base classes (400)")
+    other.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=None,
+        help="baseline(_pp): epochs of supervised training on the base classes (400)",
+    )
     other.add_argument("--pretrain-batch", type=int, default=None, help="baseline(_pp): batch size (16)")
-    other.add_argument("--head-epochs", type=int, default=None,
-                       help="baseline(_pp): epochs of the new head on each support set (100)")
+    other.add_argument(
+        "--head-epochs", type=int, default=None, help="baseline(_pp): epochs of the new head on each support set (100)"
+    )
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--test-episodes", type=int, default=3000)
     ev.add_argument("--test-seed", type=int, default=0, help="seed of the test episodes (same for every run)")
-    ev.add_argument("--test-split", choices=("test", "val"), default="test",
-                    help="the split of the final evaluation: test, or val for tuning (the test split is "
-                         "for final runs; validation during training always uses val)")
-    ev.add_argument("--eval-batch", type=int, default=8,
-                    help="test episodes predicted together (MAML: one vmap); results do not depend on it")
+    ev.add_argument(
+        "--test-split",
+        choices=("test", "val"),
+        default="test",
+        help="the split of the final evaluation: test, or val for tuning (the test split is "
+        "for final runs; validation during training always uses val)",
+    )
+    ev.add_argument(
+        "--eval-batch",
+        type=int,
+        default=8,
+        help="test episodes predicted together (MAML: one vmap); results do not depend on it",
+    )
     ev.add_argument("--eval-only", action="store_true")
     ev.add_argument("--checkpoint", default=None, help="with --eval-only: the checkpoint to evaluate")
     add_run_options(p, default_out="runs/<dataset>_<method>_<backbone>_<acdc>_<ways>w<shots>s")
@@ -151,9 +223,26 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Check the options against each other and fill the method-dependent defaults."""
     if args.ways < 2:
         raise ValueError(f"--ways must be >= 2, got {args.ways}")
-    _check_positive(args, ("shots", "queries", "test_queries", "train_episodes", "meta_batch",
-                           "val_episodes", "test_episodes", "atoms", "image_size", "eval_batch",
-                           "fce_steps", "pretrain_epochs", "pretrain_batch", "head_epochs", "width"))
+    _check_positive(
+        args,
+        (
+            "shots",
+            "queries",
+            "test_queries",
+            "train_episodes",
+            "meta_batch",
+            "val_episodes",
+            "test_episodes",
+            "atoms",
+            "image_size",
+            "eval_batch",
+            "fce_steps",
+            "pretrain_epochs",
+            "pretrain_batch",
+            "head_epochs",
+            "width",
+        ),
+    )
     _check_positive(args, ("inner_steps", "test_inner_steps", "val_every", "workers"), minimum=0)
     check_train_seconds(args.train_seconds)
     if not 0.0 <= args.atom_drop < 1.0:
@@ -162,14 +251,17 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if grouped and args.group_size is None:
         raise ValueError(f"--acdc {args.acdc} needs --group-size (channels per group, e.g. 16)")
     if not grouped and args.group_size is not None:
-        raise ValueError(f"--group-size applies only to the grouped scopes g-net, g-block, g-layer, not --acdc {args.acdc}")
+        raise ValueError(
+            f"--group-size applies only to the grouped scopes g-net, g-block, g-layer, not --acdc {args.acdc}"
+        )
     own = METHOD_OPTIONS.get(args.method, {})
-    for method, options in METHOD_OPTIONS.items():
+    for options in METHOD_OPTIONS.values():
         for name in options:
             if name not in own and getattr(args, name) is not None:
                 users = [m for m, o in METHOD_OPTIONS.items() if name in o]
-                raise ValueError(f"--{name.replace('_', '-')} does not apply to --method {args.method} "
-                                 f"(only to {', '.join(users)})")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} does not apply to --method {args.method} (only to {', '.join(users)})"
+                )
     for name in own:
         if getattr(args, name) is None and name in METHOD_DEFAULTS:
             setattr(args, name, METHOD_DEFAULTS[name])
@@ -184,8 +276,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR, the folder of the run to continue")
     if args.dataset == "miniimagenet" and args.data_root is None:
-        raise ValueError("--dataset miniimagenet needs --data-root DIR (how to obtain it: "
-                         "data/miniimagenet/README.md); --dataset glyphs runs with no download")
+        raise ValueError(
+            "--dataset miniimagenet needs --data-root DIR (how to obtain it: "
+            "data/miniimagenet/README.md); --dataset glyphs runs with no download"
+        )
     if args.image_size is None:
         args.image_size = 28 if args.dataset == "glyphs" else 84
     if args.stem is not None and not args.backbone.startswith("resnet"):
@@ -205,9 +299,11 @@ def _resolve_training_options(args: argparse.Namespace) -> None:
         given = [name for name in EPISODIC_TRAINING_DEFAULTS if getattr(args, name) is not None]
         if given:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
-            raise ValueError(f"{flags} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}: "
-                             "it is trained on the base classes in mini-batches, not on episodes "
-                             "(its training options: --pretrain-epochs, --pretrain-batch, --lr, --train-seconds)")
+            raise ValueError(
+                f"{flags} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}: "
+                "it is trained on the base classes in mini-batches, not on episodes "
+                "(its training options: --pretrain-epochs, --pretrain-batch, --lr, --train-seconds)"
+            )
         return
     for name, default in EPISODIC_TRAINING_DEFAULTS.items():
         if getattr(args, name) is None:
@@ -219,8 +315,10 @@ def _resolve_training_options(args: argparse.Namespace) -> None:
     elif args.train_ways < 2:
         raise ValueError(f"--train-ways must be >= 2, got {args.train_ways}")
     elif args.method == "maml" and args.train_ways != args.ways:
-        raise ValueError(f"--train-ways {args.train_ways} does not apply to --method maml: its classifier head "
-                         f"has --ways {args.ways} outputs, so it trains on {args.ways}-way episodes")
+        raise ValueError(
+            f"--train-ways {args.train_ways} does not apply to --method maml: its classifier head "
+            f"has --ways {args.ways} outputs, so it trains on {args.ways}-way episodes"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,8 +334,11 @@ def model_spec(args: argparse.Namespace, in_channels: int):
     if args.width is not None:
         kwargs["width"] = args.width
     return ModelSpec(
-        backbone=args.backbone, acdc=None if args.acdc == "none" else args.acdc, atoms=args.atoms,
-        group_size=args.group_size, kwargs=kwargs,
+        backbone=args.backbone,
+        acdc=None if args.acdc == "none" else args.acdc,
+        atoms=args.atoms,
+        group_size=args.group_size,
+        kwargs=kwargs,
     )
 
 
@@ -261,8 +362,12 @@ def build_learner(args: argparse.Namespace, in_channels: int):
 
     spec = model_spec(args, in_channels)
     backbone = create_backbone(
-        args.backbone, acdc=spec.acdc, atoms=args.atoms, group_size=args.group_size,
-        atom_drop=args.atom_drop, **spec.kwargs,
+        args.backbone,
+        acdc=spec.acdc,
+        atoms=args.atoms,
+        group_size=args.group_size,
+        atom_drop=args.atom_drop,
+        **spec.kwargs,
     )
     return create_learner(args.method, backbone, args.ways, **learner_options(args)).to(args.device), spec
 
@@ -276,8 +381,9 @@ def episode_source(args: argparse.Namespace, split: str, episodes: int, seed: in
     try:
         dataset = create_dataset(args.dataset, split, root=args.data_root, image_size=args.image_size)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{str(err).rstrip('.')}. To try the toolkit without any download, "
-                                "use --dataset glyphs") from None
+        raise FileNotFoundError(
+            f"{str(err).rstrip('.')}. To try the toolkit without any download, use --dataset glyphs"
+        ) from None
     transform = build_transform(args.dataset, args.image_size, train=train)
     queries = args.queries if train else args.test_queries
     ways = args.train_ways if train else args.ways
@@ -298,16 +404,33 @@ def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path)
     data = load_classification_data(args.dataset, args.data_root, image_size=args.image_size)
     model = learner.pretrain_model(data.num_classes)
     optim = OptimConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, schedule="constant")
-    loop = LoopConfig(epochs=args.pretrain_epochs, batch_size=args.pretrain_batch, workers=args.workers,
-                      seed=args.seed, train_seconds=args.train_seconds, progress=not args.no_progress)
+    loop = LoopConfig(
+        epochs=args.pretrain_epochs,
+        batch_size=args.pretrain_batch,
+        workers=args.workers,
+        seed=args.seed,
+        train_seconds=args.train_seconds,
+        progress=not args.no_progress,
+    )
     resume = out / "pretrain" / LAST if args.resume else None
-    metrics = fit(model, data, optim, loop, info=DistInfo(device=torch.device(args.device)),
-                  run_dir=out / "pretrain", meta=spec, resume=resume)
+    metrics = fit(
+        model,
+        data,
+        optim,
+        loop,
+        info=DistInfo(device=torch.device(args.device)),
+        run_dir=out / "pretrain",
+        meta=spec,
+        resume=resume,
+    )
     return {
-        "pretrain_top1": metrics["top1"], "pretrain_epochs": metrics["epoch"],
-        "pretrain_epochs_planned": args.pretrain_epochs, "pretrain_steps": metrics["step"],
+        "pretrain_top1": metrics["top1"],
+        "pretrain_epochs": metrics["epoch"],
+        "pretrain_epochs_planned": args.pretrain_epochs,
+        "pretrain_steps": metrics["step"],
         "pretrain_steps_planned": args.pretrain_epochs * metrics["steps_per_epoch"],
-        "stopped_by": metrics["stopped_by"], "train_seconds": round(metrics["clock_seconds"], 2),
+        "stopped_by": metrics["stopped_by"],
+        "train_seconds": round(metrics["clock_seconds"], 2),
     }
 
 
@@ -335,9 +458,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_episodes = episode_source(args, "train", args.train_episodes, args.seed, train=True)
         val_episodes = episode_source(args, "val", args.val_episodes, args.test_seed + 1, train=False)
         schedule = EpisodicSchedule(
-            meta_steps=max(1, args.train_episodes // args.meta_batch), meta_batch=args.meta_batch,
-            lr=args.lr, val_every=args.val_every, num_workers=args.workers, eval_batch=args.eval_batch,
-            train_seconds=args.train_seconds, lr_schedule=args.lr_schedule,
+            meta_steps=max(1, args.train_episodes // args.meta_batch),
+            meta_batch=args.meta_batch,
+            lr=args.lr,
+            val_every=args.val_every,
+            num_workers=args.workers,
+            eval_batch=args.eval_batch,
+            train_seconds=args.train_seconds,
+            lr_schedule=args.lr_schedule,
         )
 
     out.mkdir(parents=True, exist_ok=True)
@@ -345,29 +473,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if not args.eval_only and episodic:
         summary = train_episodic(
-            learner, train_episodes, val_episodes, schedule, out, spec=spec, config=vars(args),
-            device=args.device, resume=args.resume, progress=not args.no_progress,
+            learner,
+            train_episodes,
+            val_episodes,
+            schedule,
+            out,
+            spec=spec,
+            config=vars(args),
+            device=args.device,
+            resume=args.resume,
+            progress=not args.no_progress,
         )
         load_model_state(learner, load_checkpoint(out / BEST, map_location=args.device)["model"])
     elif not args.eval_only:
         summary = pretrain_on_base_classes(learner, args, spec, out)
         save_checkpoint(out / BEST, model=learner, meta=spec, config=vars(args))
     learner.eval()
-    result = evaluate(learner, test_episodes, device=args.device, progress=not args.no_progress,
-                      total=args.test_episodes, batch=args.eval_batch)
+    result = evaluate(
+        learner,
+        test_episodes,
+        device=args.device,
+        progress=not args.no_progress,
+        total=args.test_episodes,
+        batch=args.eval_batch,
+    )
     record = result_record(
-        result, dataset=args.dataset, method=args.method, backbone=args.backbone, acdc=args.acdc,
-        atoms=args.atoms if args.acdc != "none" else None, group_size=args.group_size,
-        ways=args.ways, shots=args.shots, queries=args.test_queries, image_size=args.image_size,
-        split=args.test_split, train_ways=args.train_ways,
+        result,
+        dataset=args.dataset,
+        method=args.method,
+        backbone=args.backbone,
+        acdc=args.acdc,
+        atoms=args.atoms if args.acdc != "none" else None,
+        group_size=args.group_size,
+        ways=args.ways,
+        shots=args.shots,
+        queries=args.test_queries,
+        image_size=args.image_size,
+        split=args.test_split,
+        train_ways=args.train_ways,
         parameters=sum(p.numel() for p in learner.backbone.parameters()),
-        seconds=round(time.perf_counter() - started, 1), device=args.device, seed=args.seed,
-        test_seed=args.test_seed, checkpoint=args.checkpoint, **summary,
+        seconds=round(time.perf_counter() - started, 1),
+        device=args.device,
+        seed=args.seed,
+        test_seed=args.test_seed,
+        checkpoint=args.checkpoint,
+        **summary,
     )
     write_json(out / RESULT, record)
-    print(f"{args.method} {args.backbone} acdc={args.acdc} {args.dataset} {args.ways}-way {args.shots}-shot: "
-          f"{result.mean:.2f}% ± {result.ci95:.2f}% over {result.episodes} test episodes "
-          f"({record['seconds']:.0f} s; {out / RESULT})")
+    print(
+        f"{args.method} {args.backbone} acdc={args.acdc} {args.dataset} {args.ways}-way {args.shots}-shot: "
+        f"{result.mean:.2f}% ± {result.ci95:.2f}% over {result.episodes} test episodes "
+        f"({record['seconds']:.0f} s; {out / RESULT})"
+    )
     return record
 
 

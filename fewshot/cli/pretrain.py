@@ -13,14 +13,16 @@ Writes the run folder ``--out`` (``fewshot.training.run_folder``): ``config.yaml
 ``last.pt`` (after every epoch; resumable, loadable in one process), ``log.jsonl`` (one line per epoch) and
 ``result.json``.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -54,19 +56,36 @@ def parse_backbone_args(items: Sequence[str] | None) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="run_pretrain.py", description=__doc__.splitlines()[0])
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", required=True,
-                   help="cifar10, cifar100, imagenet, imagefolder, tinyimagenet, or a few-shot dataset "
-                        "(miniimagenet, glyphs: its base classes)")
+    d.add_argument(
+        "--dataset",
+        required=True,
+        help="cifar10, cifar100, imagenet, imagefolder, tinyimagenet, or a few-shot dataset "
+        "(miniimagenet, glyphs: its base classes)",
+    )
     d.add_argument("--data-root", default=None, help="dataset folder (CIFAR: holding cifar-10-batches-py/)")
     d.add_argument("--image-size", type=int, default=None, help="default: the dataset's (32, 224, 64, 84, 28)")
-    d.add_argument("--holdout", type=float, default=None,
-                   help="few-shot datasets: fraction of each base class held out for validation (0.05)")
+    d.add_argument(
+        "--holdout",
+        type=float,
+        default=None,
+        help="few-shot datasets: fraction of each base class held out for validation (0.05)",
+    )
     d.add_argument("--augment", choices=("standard", "none"), default="standard")
-    d.add_argument("--workers", type=int, default=4 if (os.cpu_count() or 1) > 4 else 0,
-                   help="DataLoader worker processes per training process")
+    d.add_argument(
+        "--workers",
+        type=int,
+        default=4 if (os.cpu_count() or 1) > 4 else 0,
+        help="DataLoader worker processes per training process",
+    )
     m = add_backbone_options(p, None, default=None)
-    m.add_argument("--backbone-arg", dest="backbone_args", action="append", default=None, metavar="KEY=VALUE",
-                   help="another option of the backbone, e.g. depth=16 or widen_factor=4 for wrn (repeatable)")
+    m.add_argument(
+        "--backbone-arg",
+        dest="backbone_args",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="another option of the backbone, e.g. depth=16 or widen_factor=4 for wrn (repeatable)",
+    )
     m.add_argument("--decompose-stem", action="store_true", help="also decompose the ImageNet 7x7 stem")
     o = p.add_argument_group("optimization (App. A: SGD 0.1, momentum 0.9)")
     o.add_argument("--epochs", type=int, default=350)
@@ -78,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--weight-decay", type=float, default=1e-4)
     o.add_argument("--nesterov", action="store_true")
     o.add_argument("--schedule", choices=("multistep", "step", "cosine", "constant"), default="multistep")
-    o.add_argument("--milestones", type=int, nargs="+", default=None,
-                   help="multistep: epochs of lr x gamma (default 150 250)")
+    o.add_argument(
+        "--milestones", type=int, nargs="+", default=None, help="multistep: epochs of lr x gamma (default 150 250)"
+    )
     o.add_argument("--gamma", type=float, default=0.1)
     o.add_argument("--step-size", type=int, default=30, help="step: epochs between lr x gamma")
     o.add_argument("--label-smoothing", type=float, default=0.0)
@@ -90,13 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sync-batchnorm", action="store_true", help="SyncBatchNorm under torchrun")
     r.add_argument("--eval-every", type=int, default=1, help="epochs between validations (and the last)")
     r.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0: per epoch)")
-    r.add_argument("--stop-at-step", type=int, default=0,
-                   help="checkpoint and stop once this many steps are done, 0: never (continue with --resume)")
+    r.add_argument(
+        "--stop-at-step",
+        type=int,
+        default=0,
+        help="checkpoint and stop once this many steps are done, 0: never (continue with --resume)",
+    )
     g = p.add_argument_group("capacity growth (App. E)")
-    g.add_argument("--init-from", default=None, metavar="CHECKPOINT",
-                   help="start from these weights (fresh optimizer and schedule)")
-    g.add_argument("--expand-scope", choices=SCOPES, default=None,
-                   help="after --init-from: relax coefficient sharing to this scope")
+    g.add_argument(
+        "--init-from",
+        default=None,
+        metavar="CHECKPOINT",
+        help="start from these weights (fresh optimizer and schedule)",
+    )
+    g.add_argument(
+        "--expand-scope",
+        choices=SCOPES,
+        default=None,
+        help="after --init-from: relax coefficient sharing to this scope",
+    )
     g.add_argument("--expand-atoms", type=int, default=None, help="after --init-from: grow to this many atoms")
     return p
 
@@ -110,7 +142,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     grouped = args.acdc.startswith("g-") or (args.expand_scope or "").startswith("g-")
     if args.group_size is not None and not grouped:
-        raise ValueError(f"--group-size applies only to the grouped scopes g-net, g-block, g-layer, not --acdc {args.acdc}")
+        raise ValueError(
+            f"--group-size applies only to the grouped scopes g-net, g-block, g-layer, not --acdc {args.acdc}"
+        )
     if args.acdc == "none" and args.decompose_stem:
         raise ValueError("--decompose-stem needs an ACDC scope (--acdc ...)")
     if args.init_from is not None and not Path(args.init_from).is_file():
@@ -136,19 +170,26 @@ def backbone_kwargs(args: argparse.Namespace, channels: int, image_size: int) ->
     from fewshot.backbones import backbone_options, list_backbones
 
     if args.backbone not in list_backbones():
-        raise ValueError(f"--backbone {args.backbone!r} is not a registered backbone; valid: {', '.join(list_backbones())}")
+        raise ValueError(
+            f"--backbone {args.backbone!r} is not a registered backbone; valid: {', '.join(list_backbones())}"
+        )
     options = backbone_options(args.backbone)
     kwargs = parse_backbone_args(args.backbone_args)
     for key in sorted(set(kwargs) & set(OWN_FLAGS)):
         raise ValueError(f"--backbone-arg {key}=...: give it with {OWN_FLAGS[key]}")
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
-        raise ValueError(f"--backbone-arg {', '.join(unknown)}: backbone {args.backbone!r} takes {', '.join(options) or 'no options'}")
+        raise ValueError(
+            f"--backbone-arg {', '.join(unknown)}: backbone {args.backbone!r} takes "
+            f"{', '.join(options) or 'no options'}"
+        )
     for flag in ("width", "stem"):
         if getattr(args, flag) is not None:
             if flag not in options:
-                raise ValueError(f"--{flag} does not apply to backbone {args.backbone!r} (its options: "
-                                 f"{', '.join(options) or 'none'})")
+                raise ValueError(
+                    f"--{flag} does not apply to backbone {args.backbone!r} (its options: "
+                    f"{', '.join(options) or 'none'})"
+                )
             kwargs[flag] = getattr(args, flag)
     if "in_channels" in options:
         kwargs.setdefault("in_channels", channels)
@@ -160,13 +201,21 @@ def backbone_kwargs(args: argparse.Namespace, channels: int, image_size: int) ->
 def model_specs(args: argparse.Namespace, num_classes: int, kwargs: dict[str, Any]) -> tuple[ModelSpec, ModelSpec]:
     """(spec the model is built with, spec it trains as): they differ after capacity growth."""
     acdc = None if args.acdc == "none" else args.acdc
-    built = ModelSpec(args.backbone, acdc, args.atoms, args.group_size, num_classes, kwargs,
-                      decompose_stem=args.decompose_stem).normalized()
+    built = ModelSpec(
+        args.backbone, acdc, args.atoms, args.group_size, num_classes, kwargs, decompose_stem=args.decompose_stem
+    ).normalized()
     if not (args.expand_scope or args.expand_atoms):
         return built, built
-    grown = ModelSpec(args.backbone, args.expand_scope or acdc, args.expand_atoms or args.atoms, args.group_size,
-                      num_classes, kwargs, expanded_from={"acdc": acdc, "atoms": args.atoms},
-                      decompose_stem=args.decompose_stem).normalized()
+    grown = ModelSpec(
+        args.backbone,
+        args.expand_scope or acdc,
+        args.expand_atoms or args.atoms,
+        args.group_size,
+        num_classes,
+        kwargs,
+        expanded_from={"acdc": acdc, "atoms": args.atoms},
+        decompose_stem=args.decompose_stem,
+    ).normalized()
     return built, grown
 
 
@@ -185,7 +234,9 @@ def init_from(model: torch.nn.Module, path: str, spec: ModelSpec) -> list[str]:
         if any(not k.startswith("fc.") for k in missing):
             raise ValueError(f"checkpoint {path!r} lacks weights besides the classifier: {missing[:5]}")
         model.load_state_dict(state, strict=False)
-        return [f"--init-from {path}: {saved_classes} classes there, {spec.num_classes} here: classifier (fc) starts new"]
+        return [
+            f"--init-from {path}: {saved_classes} classes there, {spec.num_classes} here: classifier (fc) starts new"
+        ]
     load_model_state(model, state, source=f"checkpoint {path!r}")
     return []
 
@@ -201,15 +252,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything after parsing; returns the results dict (also written by rank 0)."""
     from fewshot.data.classification import load_classification_data
     from fewshot.training.distributed import cleanup_distributed, setup_distributed
-    from fewshot.training.supervised import (LoopConfig, OptimConfig, build_model, count_parameters,
-                                             expand_model, fit)
+    from fewshot.training.supervised import LoopConfig, OptimConfig, build_model, count_parameters, expand_model, fit
 
     check_args(args)
     started = time.perf_counter()
     info = setup_distributed(args.device)
     try:
-        data = load_classification_data(args.dataset, args.data_root, image_size=args.image_size,
-                                        augment=args.augment == "standard", holdout=args.holdout)
+        data = load_classification_data(
+            args.dataset,
+            args.data_root,
+            image_size=args.image_size,
+            augment=args.augment == "standard",
+            holdout=args.holdout,
+        )
         kwargs = backbone_kwargs(args, data.channels, data.image_size)
         built, spec = model_specs(args, data.num_classes, kwargs)
         torch.manual_seed(args.seed)
@@ -230,25 +285,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for note in notes:
                 print(f"note: {note}", file=sys.stderr)
         loop = LoopConfig(
-            epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-            workers=args.workers, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
-            sync_batchnorm=args.sync_batchnorm, seed=args.seed, label_smoothing=args.label_smoothing,
-            eval_every=args.eval_every, save_every_steps=args.save_every_steps, stop_at_step=args.stop_at_step or None,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            eval_batch_size=args.eval_batch_size,
+            workers=args.workers,
+            amp=args.amp,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            sync_batchnorm=args.sync_batchnorm,
+            seed=args.seed,
+            label_smoothing=args.label_smoothing,
+            eval_every=args.eval_every,
+            save_every_steps=args.save_every_steps,
+            stop_at_step=args.stop_at_step or None,
             progress=not args.no_progress,
         )
-        optim = OptimConfig(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-                            weight_decay=args.weight_decay, nesterov=args.nesterov, schedule=args.schedule,
-                            milestones=tuple(args.milestones or ()), gamma=args.gamma, step_size=args.step_size)
-        final = fit(model, data, optim, loop, info=info, run_dir=out, meta=spec, resume=resume,
-                    extra={"config": config})
+        optim = OptimConfig(
+            optimizer=args.optimizer,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            nesterov=args.nesterov,
+            schedule=args.schedule,
+            milestones=tuple(args.milestones or ()),
+            gamma=args.gamma,
+            step_size=args.step_size,
+        )
+        final = fit(
+            model, data, optim, loop, info=info, run_dir=out, meta=spec, resume=resume, extra={"config": config}
+        )
         results = {
-            "dataset": data.name, "backbone": spec.backbone, "acdc": spec.acdc or "none", "atoms": spec.atoms,
-            "group_size": spec.group_size, "backbone_kwargs": spec.kwargs, "expanded_from": spec.expanded_from,
-            "num_classes": data.num_classes, "train_images": len(data.train),
-            "val_images": 0 if data.val is None else len(data.val), "image_size": data.image_size,
-            "parameters": count_parameters(model), "epochs": args.epochs, "batch_size": args.batch_size,
-            "world_size": info.world_size, "device": str(info.device), "amp": args.amp, "seed": args.seed,
-            **final, "wall_seconds": time.perf_counter() - started,
+            "dataset": data.name,
+            "backbone": spec.backbone,
+            "acdc": spec.acdc or "none",
+            "atoms": spec.atoms,
+            "group_size": spec.group_size,
+            "backbone_kwargs": spec.kwargs,
+            "expanded_from": spec.expanded_from,
+            "num_classes": data.num_classes,
+            "train_images": len(data.train),
+            "val_images": 0 if data.val is None else len(data.val),
+            "image_size": data.image_size,
+            "parameters": count_parameters(model),
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "world_size": info.world_size,
+            "device": str(info.device),
+            "amp": args.amp,
+            "seed": args.seed,
+            **final,
+            "wall_seconds": time.perf_counter() - started,
         }
         if info.is_main:
             write_json(out / RESULT, results)

@@ -6,6 +6,7 @@
 - ``create_dataset(name, split, ...)``, ``build_transform(name, image_size, train)``.
 - ``EpisodeSampler`` / ``episode_loader``: seeded N-way K-shot Q-query ``Episode`` objects.
 """
+
 from fewshot.data.episode import Episode
 from fewshot.data.factory import create_dataset, list_datasets
 from fewshot.data.glyphs import Glyphs

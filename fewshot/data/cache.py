@@ -9,6 +9,7 @@ file that its build keeps locked (``flock``) while it runs; the kernel drops the
 dies, however it dies. The next build of the same cache removes that cache's temporary directories whose
 lock is free (``remove_stale_builds``).
 """
+
 from __future__ import annotations
 
 import json

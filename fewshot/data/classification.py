@@ -17,12 +17,14 @@ Datasets:
 - any dataset of ``fewshot.data.create_dataset`` (e.g. ``miniimagenet``, ``glyphs``): its ``train``
   split (the base classes), with a held-out fraction of every class as the validation set.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,10 +86,16 @@ class ClassificationData:
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary (stored with checkpoints and results)."""
         return {
-            "dataset": self.name, "root": self.root, "num_classes": self.num_classes,
-            "train_images": len(self.train), "val_images": 0 if self.val is None else len(self.val),
-            "image_size": self.image_size, "channels": self.channels,
-            "mean": list(self.mean), "std": list(self.std), **self.notes,
+            "dataset": self.name,
+            "root": self.root,
+            "num_classes": self.num_classes,
+            "train_images": len(self.train),
+            "val_images": 0 if self.val is None else len(self.val),
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            **self.notes,
         }
 
 
@@ -160,10 +168,12 @@ class EpochSampler(Sampler[tuple[int, int]]):
     samples already trained on before an interruption).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True) -> None:
-        self.inner = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
-                                        seed=seed, drop_last=True)
+    def __init__(
+        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True
+    ) -> None:
+        self.inner = DistributedSampler(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
         self.epoch = 0
         self.skip = 0
 
@@ -196,8 +206,9 @@ class ShardSampler(Sampler[int]):
 class Normalizer:
     """uint8 batch on the host -> normalized float batch on ``device`` (optionally channels_last)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
-                 channels_last: bool = False) -> None:
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], device: torch.device | str, channels_last: bool = False
+    ) -> None:
         self.device = torch.device(device)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255.0
@@ -229,7 +240,9 @@ def _load_pickle(path: Path, what: str) -> dict:
     except ForbiddenGlobalError:
         raise
     except Exception as exc:  # truncated, not a pickle, ...
-        raise ValueError(f"{what}: {str(path)!r} is not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from None
+        raise ValueError(
+            f"{what}: {str(path)!r} is not a readable CIFAR pickle ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"{what}: {str(path)!r} holds a {type(data).__name__}, expected a dict")
     return data
@@ -254,7 +267,10 @@ def read_cifar(root: str | Path, name: str = "cifar10", train: bool = True) -> T
         )
     missing = [f for f in expected if not (folder / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{what} folder {str(folder)!r} is incomplete: missing {', '.join(missing)} (expected {', '.join(expected)})")
+        raise FileNotFoundError(
+            f"{what} folder {str(folder)!r} is incomplete: missing {', '.join(missing)} "
+            f"(expected {', '.join(expected)})"
+        )
     meta = _load_pickle(folder / meta_file, what)
     names_key = "label_names" if name == "cifar10" else "fine_label_names"
     classes = meta.get(names_key)
@@ -338,7 +354,9 @@ def read_image_folder(root: str | Path, split: str, classes: list[str] | None = 
     root = Path(root)
     what = f"image folder {str(root)!r}"
     if not root.is_dir():
-        raise FileNotFoundError(f"{what} does not exist (expected {root}/train/<class>/<image> and {root}/val/<class>/<image>)")
+        raise FileNotFoundError(
+            f"{what} does not exist (expected {root}/train/<class>/<image> and {root}/val/<class>/<image>)"
+        )
     folder = root / split
     annotations = folder / "val_annotations.txt"
     if classes is not None and annotations.is_file() and (folder / "images").is_dir():
@@ -480,8 +498,9 @@ def _no_holdout(name: str, holdout: float | None) -> None:
         raise ValueError(f"--holdout applies to datasets without a validation split; {name} has one (leave it out)")
 
 
-def _fewshot_base_classes(name: str, root: str | Path | None, image_size: int | None, augment: bool,
-                          holdout: float) -> ClassificationData:
+def _fewshot_base_classes(
+    name: str, root: str | Path | None, image_size: int | None, augment: bool, holdout: float
+) -> ClassificationData:
     try:
         from fewshot.data import create_dataset, list_datasets
     except ImportError:  # the few-shot data registry is not available
@@ -499,5 +518,17 @@ def _fewshot_base_classes(name: str, root: str | Path | None, image_size: int | 
     flip = channels == 3  # glyphs (1 channel) are letters: a mirrored letter is another letter
     t_train, t_eval = fixed_size_transforms(size, augment, flip=flip, padding=max(2, size // 8))
     mean, std = IMAGENET_STATS if channels == 3 else GLYPHS_STATS
-    return ClassificationData(name, train, val, classes, size, channels, mean, std, t_train, t_eval,
-                              "" if root is None else str(root), {"split": "train", "holdout": holdout})
+    return ClassificationData(
+        name,
+        train,
+        val,
+        classes,
+        size,
+        channels,
+        mean,
+        std,
+        t_train,
+        t_eval,
+        "" if root is None else str(root),
+        {"split": "train", "holdout": holdout},
+    )

@@ -1,4 +1,5 @@
 """The episode: one N-way K-shot Q-query few-shot task."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ class Episode:
     def queries(self) -> int:
         return self.query_labels.numel() // self.ways
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Episode":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Episode:
         """A copy with every tensor moved to ``device``."""
         return Episode(
             self.support_images.to(device, non_blocking=non_blocking),

@@ -1,4 +1,5 @@
 """``create_dataset(name, split, ...)``: datasets by name, for scripts and configs."""
+
 from __future__ import annotations
 
 import os

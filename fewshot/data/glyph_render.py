@@ -16,6 +16,7 @@ Steps (all deterministic: same bytes on every build with the same matplotlib fon
    (test before val before train), so no test class is seen in training.
 4. Each class gets ``IMAGES_PER_CLASS`` images, cycling over its fonts, each with its own augmentation.
 """
+
 from __future__ import annotations
 
 import os
@@ -83,12 +84,7 @@ class GlyphClass:
 
 
 def _letters(ranges: tuple[tuple[int, int], ...]) -> list[int]:
-    return [
-        cp
-        for lo, hi in ranges
-        for cp in range(lo, hi + 1)
-        if unicodedata.category(chr(cp)) in ("Lu", "Ll", "Lt")
-    ]
+    return [cp for lo, hi in ranges for cp in range(lo, hi + 1) if unicodedata.category(chr(cp)) in ("Lu", "Ll", "Lt")]
 
 
 def _render(font, codepoint: int, no_hinting: int) -> np.ndarray | None:
@@ -116,9 +112,7 @@ def render_letters() -> list[GlyphClass]:
     """Every candidate letter with the renders of every font that has it (before any filtering)."""
     from matplotlib.ft2font import FT2Font, LoadFlags
 
-    letters = {
-        cp: GlyphClass(alphabet, cp) for alphabet, (ranges, _) in ALPHABETS.items() for cp in _letters(ranges)
-    }
+    letters = {cp: GlyphClass(alphabet, cp) for alphabet, (ranges, _) in ALPHABETS.items() for cp in _letters(ranges)}
     fonts = {name: FT2Font(os.path.join(font_dir(), name)) for name, _ in FONTS}
     claimed = {
         name: {cp for cp in fonts[name].get_charmap() if cp in letters and not (ascii_only and cp > 0x7F)}

@@ -1,4 +1,5 @@
 """The embedded ``glyphs`` dataset: letters of five alphabets rendered from matplotlib's fonts."""
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,9 @@ class Glyphs(ClassIndexedDataset):
     ========  ===========================  =======  ======
 
     (723 classes, 23,136 images, 32 per class; 106 look-alike letters dropped.) The dataset is built on
-    first use (about 8 s of CPU on this 2-core machine) into ``<root>/glyphs/`` — ``root`` defaults to ``$FEWSHOT_CACHE`` or
-    ``~/.cache/fewshot`` — and memory-mapped from there afterwards. The build is deterministic and atomic.
+    first use (about 8 s of CPU on this 2-core machine) into ``<root>/glyphs/`` — ``root`` defaults to
+    ``$FEWSHOT_CACHE`` or ``~/.cache/fewshot`` — and memory-mapped from there afterwards. The build is
+    deterministic and atomic.
     Class names look like ``"Cyrillic/U+0416 Ж"``; ``alphabets[c]`` gives the alphabet of class ``c``.
     See ``fewshot.data.glyph_render`` for how letters are chosen, rendered and deduplicated.
     """

@@ -1,4 +1,5 @@
 """Decoding image files into uint8 (3, S, S) arrays, in parallel for large datasets."""
+
 from __future__ import annotations
 
 import os

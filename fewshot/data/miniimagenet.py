@@ -13,6 +13,7 @@ Layouts (file names for split ``val``; see data/miniimagenet/README.md):
 Every layout gives the same dataset: classes sorted by name, images grouped by class in the order the
 source lists them, squashed to ``image_size``×``image_size`` (Lanczos) when stored at another size.
 """
+
 from __future__ import annotations
 
 import csv
@@ -87,7 +88,9 @@ def expected_files(root: str | os.PathLike[str], split: str) -> dict[str, list[l
 def _looked_for(expected: dict[str, list[list[Path]]]) -> str:
     lines = []
     for i, (layout, alternatives) in enumerate(expected.items(), 1):
-        options = " or ".join(" + ".join(p.name + ("/" if p.suffix == "" else "") for p in paths) for paths in alternatives)
+        options = " or ".join(
+            " + ".join(p.name + ("/" if p.suffix == "" else "") for p in paths) for paths in alternatives
+        )
         lines.append(f"({i}) {layout}: {options}")
     return "; ".join(lines)
 
@@ -136,7 +139,8 @@ def _file_filler(paths: list[Path]) -> Filler:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"image file not found: {str(missing[0])!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            f"image file not found: {str(missing[0])!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     return lambda out, size, workers: decode_into(paths, size, out, workers)
 
@@ -146,7 +150,9 @@ def _array_filler(blocks: Callable[[], Iterator[np.ndarray]], source: Path) -> F
         start = 0
         for block in blocks():
             if block.ndim != 4 or block.shape[-1] != 3 or block.dtype != np.uint8:
-                raise ValueError(f"{str(source)!r}: images must be uint8 arrays n×H×W×3, got {block.dtype} {block.shape}")
+                raise ValueError(
+                    f"{str(source)!r}: images must be uint8 arrays n×H×W×3, got {block.dtype} {block.shape}"
+                )
             for image in block:
                 out[start] = resize_array(image, size).transpose(2, 0, 1)
                 start += 1
@@ -180,8 +186,10 @@ def _read_csv(csv_path: Path, images_dir: Path) -> tuple[list[str], list[int], F
     labels = [label for _, label in rows]
     paths = [images_dir / name for name, _ in rows]
     # some copies keep the images in one folder per class: images/<wnid>/<file>
-    paths = [p if p.is_file() or not (images_dir / lab / p.name).is_file() else images_dir / lab / p.name
-             for p, lab in zip(paths, labels)]
+    paths = [
+        p if p.is_file() or not (images_dir / lab / p.name).is_file() else images_dir / lab / p.name
+        for p, lab in zip(paths, labels)
+    ]
     classes, counts, ordered = _group(labels, paths)
     return classes, counts, _file_filler(ordered)
 
@@ -189,8 +197,10 @@ def _read_csv(csv_path: Path, images_dir: Path) -> tuple[list[str], list[int], F
 def _read_json(json_path: Path) -> tuple[list[str], list[int], Filler]:
     data = load_json(json_path)
     if not isinstance(data, dict):
-        raise ValueError(f"{str(json_path)!r}: expected a JSON object with label_names, image_names and image_labels, "
-                         f"got a {type(data).__name__}")
+        raise ValueError(
+            f"{str(json_path)!r}: expected a JSON object with label_names, image_names and image_labels, "
+            f"got a {type(data).__name__}"
+        )
     for key in ("label_names", "image_names", "image_labels"):
         if key not in data:
             raise ValueError(f"{str(json_path)!r}: missing key {key!r} (keys found: {sorted(data)})")
@@ -204,7 +214,9 @@ def _read_json(json_path: Path) -> tuple[list[str], list[int], Filler]:
         raise ValueError(f"{str(json_path)!r}: {len(files)} image_names but {len(labels)} image_labels")
     bad = [lab for lab in labels if isinstance(lab, bool) or not isinstance(lab, int) or not 0 <= lab < len(names)]
     if bad:
-        raise ValueError(f"{str(json_path)!r}: image label {bad[0]!r} is not an index into label_names (0..{len(names) - 1})")
+        raise ValueError(
+            f"{str(json_path)!r}: image label {bad[0]!r} is not an index into label_names (0..{len(names) - 1})"
+        )
     root = json_path.parent
 
     def locate(name: str) -> Path:
@@ -237,21 +249,26 @@ def _class_rows(path: Path, name: str, rows: Any, n_images: int) -> np.ndarray:
     """The row indices of class ``name`` as int64, each checked to lie in ``0..n_images - 1``."""
     indices = np.asarray(rows) if isinstance(rows, (list, tuple, np.ndarray)) else None
     if indices is None or indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(indices.dtype, np.integer)):
-        raise ValueError(f"{str(path)!r}: class_dict[{name!r}] must be a list of row indices into image_data, "
-                         f"got {_describe(rows)}")
+        raise ValueError(
+            f"{str(path)!r}: class_dict[{name!r}] must be a list of row indices into image_data, got {_describe(rows)}"
+        )
     if indices.size == 0:
         raise ValueError(f"{str(path)!r}: class {name!r} has no images (empty list in class_dict)")
     bad = indices[(indices < 0) | (indices >= n_images)]
     if bad.size:
-        raise ValueError(f"{str(path)!r}: class {name!r} has row index {int(bad[0])}, outside the valid range "
-                         f"0..{n_images - 1} of image_data ({n_images} images)")
+        raise ValueError(
+            f"{str(path)!r}: class {name!r} has row index {int(bad[0])}, outside the valid range "
+            f"0..{n_images - 1} of image_data ({n_images} images)"
+        )
     return indices.astype(np.int64)
 
 
 def _read_pickle(path: Path) -> tuple[list[str], list[int], Filler]:
     data = _load_pickle(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r}: expected a dict with keys 'image_data' and 'class_dict', got {type(data).__name__}")
+        raise ValueError(
+            f"{str(path)!r}: expected a dict with keys 'image_data' and 'class_dict', got {type(data).__name__}"
+        )
     for key in ("image_data", "class_dict"):
         if key not in data:
             raise ValueError(f"{str(path)!r}: missing key {key!r} (keys found: {sorted(map(str, data))})")
@@ -259,8 +276,10 @@ def _read_pickle(path: Path) -> tuple[list[str], list[int], Filler]:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{str(path)!r}: 'image_data' must be a uint8 array N×H×W×3, got {_describe(images)}")
     if not isinstance(class_dict, dict) or not all(isinstance(c, str) for c in class_dict):
-        raise ValueError(f"{str(path)!r}: 'class_dict' must be a dict of class name (wnid) -> list of row indices, "
-                         f"got {_describe(class_dict)}")
+        raise ValueError(
+            f"{str(path)!r}: 'class_dict' must be a dict of class name (wnid) -> list of row indices, "
+            f"got {_describe(class_dict)}"
+        )
     classes = sorted(class_dict)
     rows = {c: _class_rows(path, c, class_dict[c], len(images)) for c in classes}
     counts = [len(rows[c]) for c in classes]
@@ -402,7 +421,9 @@ class MiniImageNet(ClassIndexedDataset):
         self._init_from(directory, transform)
 
     @classmethod
-    def from_cache(cls, directory: str | os.PathLike[str], transform: Callable[[Tensor], Any] | None = None) -> MiniImageNet:
+    def from_cache(
+        cls, directory: str | os.PathLike[str], transform: Callable[[Tensor], Any] | None = None
+    ) -> MiniImageNet:
         """Open an existing cache directory (as written by ``ensure_miniimagenet_cache``) directly."""
         self = cls.__new__(cls)
         self._init_from(Path(directory), transform)

@@ -8,6 +8,7 @@ class's files in the order of their ImageNet number (``n01532829_<number>.JPEG``
 generator scripts do. Each split's CSV is written only after all its images, so an interrupted run
 never leaves a split that looks complete; rerunning it resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,10 +58,14 @@ def check_file_name(name: str, csv_path: Path, line: int, out: Path) -> None:
         return
     where = f"{str(csv_path)!r} line {line}: file name {name!r}"
     if not os.path.abspath(out / "images" / name).startswith(os.path.join(os.path.abspath(out), "")):
-        raise ValueError(f"{where} would be written outside the output folder {str(out)!r}; "
-                         "file names must be plain names like n0153282900000005.jpg")
-    raise ValueError(f"{where} is not a plain file name like n0153282900000005.jpg "
-                     f"(the CSV layout keeps every image directly in {str(out / 'images')!r})")
+        raise ValueError(
+            f"{where} would be written outside the output folder {str(out)!r}; "
+            "file names must be plain names like n0153282900000005.jpg"
+        )
+    raise ValueError(
+        f"{where} is not a plain file name like n0153282900000005.jpg "
+        f"(the CSV layout keeps every image directly in {str(out / 'images')!r})"
+    )
 
 
 def resolve_sources(rows: list[tuple[str, str]], imagenet_train: Path, csv_path: Path) -> list[Path]:
@@ -73,7 +78,9 @@ def resolve_sources(rows: list[tuple[str, str]], imagenet_train: Path, csv_path:
         files = listing[label]
         m = re.fullmatch(re.escape(label) + r"(\d+)", Path(name).stem)
         if m is None:
-            raise ValueError(f"{str(csv_path)!r} line {line}: file name {name!r} is not '<label><number>.jpg' for label {label!r}")
+            raise ValueError(
+                f"{str(csv_path)!r} line {line}: file name {name!r} is not '<label><number>.jpg' for label {label!r}"
+            )
         k = int(m.group(1))
         if not 1 <= k <= len(files):
             raise ValueError(
@@ -109,7 +116,9 @@ def prepare_miniimagenet(
     csvs = {s: csv_dir / f"{s}.csv" for s in splits}
     missing = [str(p) for p in csvs.values() if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"--csv-dir: split CSV not found: {missing[0]!r} (expected {', '.join(f'{s}.csv' for s in splits)})")
+        raise FileNotFoundError(
+            f"--csv-dir: split CSV not found: {missing[0]!r} (expected {', '.join(f'{s}.csv' for s in splits)})"
+        )
     plans = {}
     for split, path in csvs.items():  # check everything before writing anything
         rows = read_split_csv(path)
@@ -149,9 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mini.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPUs)")
     args = parser.parse_args(argv)
     try:
-        prepare_miniimagenet(
-            args.imagenet_train, args.csv_dir, args.out, args.image_size, args.splits, args.workers
-        )
+        prepare_miniimagenet(args.imagenet_train, args.csv_dir, args.out, args.image_size, args.splits, args.workers)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ Dataset pickles only ever hold dicts, lists, tuples, strings, bytes, numbers, bo
 numpy arrays / dtypes / scalars. The first five need no global at all; numpy objects need the few
 functions in ``ALLOWED_GLOBALS``. Any other global is refused *before* it is imported or called.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -69,7 +70,8 @@ class DataUnpickler(pickle.Unpickler):
             return ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise ForbiddenGlobalError(
-                f"{self.source!r}: refusing to load: it references {module}.{name}, which a dataset pickle never contains"
+                f"{self.source!r}: refusing to load: it references {module}.{name}, "
+                "which a dataset pickle never contains"
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:

@@ -1,4 +1,5 @@
 """Seeded N-way K-shot Q-query episodes: episode i depends only on (seed, i), never on the process or worker."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -194,4 +195,3 @@ def episode_loader(
     return DataLoader(
         sampler, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=collate_episode, **loader_kwargs
     )
-

@@ -1,4 +1,5 @@
 """A dataset held as class-indexed uint8 images: the common base of every dataset in ``fewshot.data``."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

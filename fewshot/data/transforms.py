@@ -1,4 +1,5 @@
 """Per-image transforms on uint8 (C, H, W) tensors (torchvision.transforms.v2), as in Chen et al. 2019."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,14 +1,15 @@
 """The one interface every few-shot learner implements, and the registry of learners by name."""
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from fewshot.data.episode import Episode
 
-_LEARNERS: dict[str, type["Learner"]] = {}
+_LEARNERS: dict[str, type[Learner]] = {}
 
 
 class Learner(nn.Module):

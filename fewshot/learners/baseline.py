@@ -17,6 +17,7 @@ At test, ``predict(episode)``:
    with ``seed`` (the global RNG is untouched), so ``predict`` is reproducible;
 3. returns the head's logits on the query features.
 """
+
 from __future__ import annotations
 
 import torch

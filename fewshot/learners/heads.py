@@ -7,11 +7,13 @@
 * ``eval_mode``: run a module in eval mode and restore every submodule's previous mode.
 * ``reject_unknown_options``: the uniform error for misspelt learner options.
 """
+
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -104,15 +106,10 @@ def reject_unknown_options(learner: str, unknown: dict[str, Any], init: Any) -> 
     """
     if not unknown:
         return
-    valid = [
-        p.name
-        for p in inspect.signature(init).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
+    valid = [p.name for p in inspect.signature(init).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     valid_text = ", ".join(valid) if valid else "(none)"
     raise TypeError(
-        f"unknown option(s) for learner {learner!r}: {', '.join(sorted(unknown))}; "
-        f"valid options: {valid_text}"
+        f"unknown option(s) for learner {learner!r}: {', '.join(sorted(unknown))}; valid options: {valid_text}"
     )
 
 
@@ -129,8 +126,7 @@ def check_episode(episode: Episode) -> int:
         labels = getattr(episode, f"{part}_labels")
         if labels.dim() != 1 or labels.numel() != images.shape[0]:
             raise ValueError(
-                f"{part}_labels must have shape ({images.shape[0]},) to match {part}_images, "
-                f"got {tuple(labels.shape)}"
+                f"{part}_labels must have shape ({images.shape[0]},) to match {part}_images, got {tuple(labels.shape)}"
             )
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= ways):
             raise ValueError(

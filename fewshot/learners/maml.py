@@ -5,11 +5,12 @@ The backbone and the linear head are never copied or patched: the inner loop kee
 entry of that dictionary (``named_parameters`` lists it once and ``functional_call`` ties it), so the
 inner loop adapts it as one tensor that every layer then uses.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,7 @@ def select_adapted(names: Sequence[str], adapt: str) -> list[str]:
             pattern = re.compile(adapt)
         except re.error as err:
             raise ValueError(
-                f"adapt={adapt!r} is neither one of {', '.join(ADAPT_CHOICES)} nor a valid "
-                f"regular expression ({err})"
+                f"adapt={adapt!r} is neither one of {', '.join(ADAPT_CHOICES)} nor a valid regular expression ({err})"
             ) from None
         chosen = [n for n in names if pattern.search(n)]
     if not chosen:
@@ -161,7 +161,9 @@ class MAML(Learner):
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
         if inner_atom_drop not in ATOM_DROP_MODES:
-            raise ValueError(f"unknown inner_atom_drop {inner_atom_drop!r}; choose one of: {', '.join(ATOM_DROP_MODES)}")
+            raise ValueError(
+                f"unknown inner_atom_drop {inner_atom_drop!r}; choose one of: {', '.join(ATOM_DROP_MODES)}"
+            )
         if learn_inner_lr and inner_steps < 1:
             raise ValueError("learn_inner_lr needs inner_steps >= 1 (the step sizes are learned in training)")
         if bn_mode not in BN_MODES:
@@ -191,10 +193,7 @@ class MAML(Learner):
         self.inner_lrs: nn.ParameterDict | None = None
         if learn_inner_lr:
             self.inner_lrs = nn.ParameterDict(
-                {
-                    _lr_key(n): nn.Parameter(torch.full((inner_steps,), float(inner_lr)))
-                    for n in self.adapted_names
-                }
+                {_lr_key(n): nn.Parameter(torch.full((inner_steps,), float(inner_lr))) for n in self.adapted_names}
             )
 
     # ----------------------------------------------------------------------------------------
@@ -204,9 +203,7 @@ class MAML(Learner):
 
     def model_parameters(self) -> dict[str, Tensor]:
         """The backbone's and the head's parameters by name (the learned inner step sizes excluded)."""
-        return {
-            n: p for n, p in self.named_parameters() if not n.startswith("inner_lrs.")
-        }
+        return {n: p for n, p in self.named_parameters() if not n.startswith("inner_lrs.")}
 
     def _forward(self, params: dict[str, Tensor | None], images: Tensor) -> Tensor:
         # BatchNorm running statistics are replaced by None: every forward normalizes with the
@@ -272,9 +269,7 @@ class MAML(Learner):
         for step in range(steps):
             with torch.no_grad():  # torch.func.grad still differentiates the support loss inside
                 grads = torch.func.grad(support_loss)(current)
-                step_sizes = {
-                    n: lr if learned_lrs is None else _learned_rate(learned_lrs, n, step) for n in current
-                }
+                step_sizes = {n: lr if learned_lrs is None else _learned_rate(learned_lrs, n, step) for n in current}
                 current = {n: w - step_sizes[n] * grads[n] for n, w in current.items()}
             if learned_lrs is not None:
                 for n, g in grads.items():
@@ -288,9 +283,7 @@ class MAML(Learner):
             result[n] = w + sum(learned_terms[n], through)
         return result
 
-    def _query_logits(
-        self, params: dict[str, Tensor], support_images: Tensor, query_images: Tensor
-    ) -> Tensor:
+    def _query_logits(self, params: dict[str, Tensor], support_images: Tensor, query_images: Tensor) -> Tensor:
         if self.bn_mode == "transductive":
             return self._forward(params, query_images)
         return self._forward_with_support_statistics(params, support_images, query_images)
@@ -299,11 +292,7 @@ class MAML(Learner):
         self, params: dict[str, Tensor], support_images: Tensor, query_images: Tensor
     ) -> Tensor:
         """Normalize the query batch with the batch statistics each BatchNorm saw on the support set."""
-        norms = {
-            name: m
-            for name, m in self.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        }
+        norms = {name: m for name, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
         statistics: dict[str, Tensor] = {}
 
         def record(name: str):
@@ -337,9 +326,7 @@ class MAML(Learner):
         mode = self.inner_atom_drop if training else "step"  # evaluation: layers in eval mode, no drop
         with hold_atom_masks(self) if mode == "task" else nullcontext():
             with hold_atom_masks(self, drop=False) if mode == "query" else nullcontext():
-                fast = self.adapt_to_support(
-                    params, support_images, support_labels, steps, lr, first_order, learned
-                )
+                fast = self.adapt_to_support(params, support_images, support_labels, steps, lr, first_order, learned)
             return self._query_logits(fast, support_images, query_images)
 
     def loss(self, episode: Episode) -> tuple[Tensor, Tensor]:
@@ -354,7 +341,6 @@ class MAML(Learner):
         tensors = (episode.support_images, episode.support_labels, episode.query_images)
         with torch.no_grad():  # torch.func.grad still differentiates the inner loop inside
             return self._task(params, tensors, training=False)
-
 
     def batch_loss(self, episodes: Sequence[Episode]) -> tuple[Tensor, list[Tensor]]:
         """Summed query loss of a meta-batch; its tasks run through one ``vmap`` when they can."""
@@ -388,17 +374,13 @@ class MAML(Learner):
             return False
         first = episodes[0]
         return all(
-            e.support_images.shape == first.support_images.shape
-            and e.query_images.shape == first.query_images.shape
+            e.support_images.shape == first.support_images.shape and e.query_images.shape == first.query_images.shape
             for e in episodes
         )
 
-    def _vmapped_tasks(
-        self, params: dict[str, Tensor], episodes: Sequence[Episode], training: bool
-    ) -> Tensor:
+    def _vmapped_tasks(self, params: dict[str, Tensor], episodes: Sequence[Episode], training: bool) -> Tensor:
         stacked = tuple(
-            torch.stack([getattr(e, f) for e in episodes])
-            for f in ("support_images", "support_labels", "query_images")
+            torch.stack([getattr(e, f) for e in episodes]) for f in ("support_images", "support_labels", "query_images")
         )
 
         def task(weights: dict[str, Tensor], *tensors: Tensor) -> Tensor:

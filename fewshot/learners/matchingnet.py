@@ -16,6 +16,7 @@ as ``logsumexp_{i: y_i = c} s_i - logsumexp_i s_i`` (``s`` the attention scores)
 log of the attention-weighted one-hot labels without an epsilon. The returned logits are ``log p``
 (``softmax(logits) == p``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -72,7 +73,6 @@ class MatchingNet(Learner):
     * ``scale`` (float, default 100.0): multiplier of the (ReLU-clamped) cosine before the softmax.
     """
 
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -99,9 +99,7 @@ class MatchingNet(Learner):
             self.support_encoder = SupportEncoder(dim)
             self.query_encoder = QueryEncoder(dim)
 
-    def match(
-        self, support: Tensor, support_labels: Tensor, query: Tensor, ways: int
-    ) -> tuple[Tensor, Tensor]:
+    def match(self, support: Tensor, support_labels: Tensor, query: Tensor, ways: int) -> tuple[Tensor, Tensor]:
         """Attention over the support set (queries, supports) and class log-probabilities (queries, ways)."""
         if self.fce:
             support = self.support_encoder(support)

@@ -1,4 +1,5 @@
 """Prototypical Networks (Snell et al. 2017) as evaluated by Chen et al. 2019."""
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,6 @@ class ProtoNet(Learner):
 
     Takes no options. Works with episodes of any number of ways.
     """
-
 
     def __init__(self, backbone: nn.Module, ways: int, **unknown) -> None:
         reject_unknown_options("protonet", unknown, ProtoNet.__init__)

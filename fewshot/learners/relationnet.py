@@ -12,6 +12,7 @@ max-pool 2], flatten, ``fc -> hidden`` (8), ReLU, ``fc -> 1``.
 ``loss="softmax"``: the raw module outputs are logits and the loss is cross entropy. Either way the
 returned "logits" are the relation scores (argmax = prediction).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -181,15 +182,11 @@ class RelationNet(Learner):
         reject_unknown_options("relationnet", unknown, RelationNet.__init__)
         super().__init__(backbone, ways)
         if loss not in RELATION_LOSSES:
-            raise ValueError(
-                f"relationnet option loss must be one of {', '.join(RELATION_LOSSES)}; got {loss!r}"
-            )
+            raise ValueError(f"relationnet option loss must be one of {', '.join(RELATION_LOSSES)}; got {loss!r}")
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"relationnet option hidden must be an int >= 1, got {hidden!r}")
         if class_map not in CLASS_MAPS:
-            raise ValueError(
-                f"relationnet option class_map must be one of {', '.join(CLASS_MAPS)}; got {class_map!r}"
-            )
+            raise ValueError(f"relationnet option class_map must be one of {', '.join(CLASS_MAPS)}; got {class_map!r}")
         self.loss_type = loss
         self.class_map = class_map
         self.map_shape = backbone_map_shape(backbone, image_size)

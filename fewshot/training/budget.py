@@ -1,4 +1,5 @@
 """The wall-clock training budget (``--train-seconds``) shared by the episodic and supervised loops."""
+
 from __future__ import annotations
 
 import math

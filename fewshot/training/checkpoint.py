@@ -12,13 +12,15 @@ A checkpoint is a plain dict (every entry optional except ``format``)::
 
 Everything in it loads with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, dicts.
 """
+
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,20 +69,27 @@ class ModelSpec:
     expanded_from: dict[str, Any] | None = None
     decompose_stem: bool = False
 
-    def normalized(self) -> "ModelSpec":
+    def normalized(self) -> ModelSpec:
         acdc = self.acdc if self.acdc not in ("", "none", "dense") else None
         atoms = self.atoms if acdc is not None else None
         grouped = acdc is not None and acdc.startswith("g-")
         group_size = self.group_size if grouped else None
-        return ModelSpec(self.backbone, acdc, atoms, group_size, int(self.num_classes),
-                         dict(sorted(self.kwargs.items())), self.expanded_from,
-                         bool(self.decompose_stem) and acdc is not None)
+        return ModelSpec(
+            self.backbone,
+            acdc,
+            atoms,
+            group_size,
+            int(self.num_classes),
+            dict(sorted(self.kwargs.items())),
+            self.expanded_from,
+            bool(self.decompose_stem) and acdc is not None,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self.normalized())
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known}).normalized()
 
@@ -98,8 +107,12 @@ class ModelSpec:
         return ", ".join(parts)
 
 
-def check_model_spec(saved: Mapping[str, Any] | ModelSpec | None, requested: ModelSpec,
-                     path: str | os.PathLike, ignore: tuple[str, ...] = ()) -> None:
+def check_model_spec(
+    saved: Mapping[str, Any] | ModelSpec | None,
+    requested: ModelSpec,
+    path: str | os.PathLike,
+    ignore: tuple[str, ...] = (),
+) -> None:
     """Raise ValueError when the checkpoint at ``path`` was saved for another model than ``requested``.
 
     ``ignore`` names fields not to compare (e.g. ``("num_classes",)`` when only the features are loaded).
@@ -139,7 +152,7 @@ def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             changed = False
             for prefix in _PREFIXES:
                 if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+                    key, changed = key[len(prefix) :], True
         out[key] = value
     return out
 
@@ -149,8 +162,9 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return strip_prefixes(unwrap_model(model).state_dict())
 
 
-def load_model_state(model: nn.Module, state_dict: Mapping[str, Any], *, strict: bool = True,
-                     source: str = "checkpoint") -> None:
+def load_model_state(
+    model: nn.Module, state_dict: Mapping[str, Any], *, strict: bool = True, source: str = "checkpoint"
+) -> None:
     """Load ``state_dict`` into ``model`` (or the module a wrapper holds), whatever prefixes either has.
 
     A mismatch raises a ValueError listing the first missing / unexpected / wrongly shaped keys.
@@ -209,12 +223,14 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy"]
-    np.random.set_state({
-        "bit_generator": "MT19937",
-        "state": {"key": np_state["key"].cpu().numpy().astype(np.uint32), "pos": int(np_state["pos"])},
-        "has_gauss": np_state["has_gauss"],
-        "gauss": np_state["gauss"],
-    })
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": np_state["key"].cpu().numpy().astype(np.uint32), "pos": int(np_state["pos"])},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
     torch.set_rng_state(state["torch"].cpu())  # the checkpoint may have been loaded onto a GPU
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
@@ -229,8 +245,13 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------------------------- save / load
 
 
-def save_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
-                    meta: ModelSpec | Mapping[str, Any] | None = None, **entries: Any) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    meta: ModelSpec | Mapping[str, Any] | None = None,
+    **entries: Any,
+) -> Path:
     """Write a checkpoint atomically: a temporary file in the same folder, then ``os.replace``.
 
     ``model`` (any wrapper) is stored as a prefix-free state dict; ``meta`` as a dict; ``entries`` are
@@ -261,7 +282,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"checkpoint {str(path)!r} cannot be loaded with weights_only=True: {exc}") from None
     if isinstance(data, dict) and data.get("format") == FORMAT:
         if data.get("version", 0) > VERSION:
-            raise ValueError(f"checkpoint {str(path)!r} has format version {data['version']}; this code reads <= {VERSION}")
+            raise ValueError(
+                f"checkpoint {str(path)!r} has format version {data['version']}; this code reads <= {VERSION}"
+            )
         return data
     if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
         return {"format": FORMAT, "version": VERSION, "model": dict(data)}

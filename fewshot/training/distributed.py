@@ -4,6 +4,7 @@ A script calls ``setup_distributed(device)`` once: under ``torchrun`` (``WORLD_S
 environment) it joins the process group (NCCL on CUDA, gloo on CPU) and picks ``cuda:LOCAL_RANK``;
 otherwise it returns a single-process ``DistInfo``. Only ``DistInfo.is_main`` logs and writes files.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "resolve_device", "setup_distributed", "cleanup_distributed", "wrap_ddp",
-           "all_gather_objects", "all_reduce_sum", "broadcast_buffers", "barrier"]
+__all__ = [
+    "DistInfo",
+    "resolve_device",
+    "setup_distributed",
+    "cleanup_distributed",
+    "wrap_ddp",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "broadcast_buffers",
+    "barrier",
+]
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,9 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
             )
         index = device.index if device.index is not None else local_rank
         if index >= torch.cuda.device_count():
-            raise ValueError(f"--device cuda:{index} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+            raise ValueError(
+                f"--device cuda:{index} does not exist; this machine has {torch.cuda.device_count()} GPU(s)"
+            )
         return torch.device("cuda", index)
     if device.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):

@@ -1,21 +1,23 @@
 """The episodic (meta-)training loop: meta-batches of episodes, seeded validation, best and last
 checkpoints, exact resume, a tqdm bar and a JSONL log."""
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fewshot.training.budget import check_train_seconds
 from fewshot.data.episode import Episode
 from fewshot.evaluation import episode_accuracy, evaluate
 from fewshot.learners.base import Learner
+from fewshot.training.budget import check_train_seconds
 from fewshot.training.checkpoint import (
     ModelSpec,
     capture_rng_state,
@@ -138,14 +140,20 @@ def train_episodic(
 
     def checkpoint(path: Path, step: int, seconds: float) -> None:
         save_checkpoint(
-            path, model=learner, meta=spec, optimizer=optimizer.state_dict(),
+            path,
+            model=learner,
+            meta=spec,
+            optimizer=optimizer.state_dict(),
             progress={"step": step, "best_val_acc": best_acc, "best_step": best_step, "train_seconds": seconds},
-            rng=[capture_rng_state()], config=config or {}, schedule=asdict(schedule),
+            rng=[capture_rng_state()],
+            config=config or {},
+            schedule=asdict(schedule),
         )
 
     loader = DataLoader(
         _MetaBatches(train_episodes, schedule.meta_batch, start, schedule.meta_steps),
-        batch_size=None, num_workers=schedule.num_workers,
+        batch_size=None,
+        num_workers=schedule.num_workers,
         collate_fn=_as_list,
         # Its own generator: creating the iterator must not draw from the global RNG (exact resume).
         generator=torch.Generator().manual_seed(0),
@@ -165,8 +173,12 @@ def train_episodic(
         seconds = seconds_before + time.perf_counter() - started
         out_of_time = schedule.train_seconds is not None and seconds >= schedule.train_seconds
         acc = sum(episode_accuracy(lg, e.query_labels) for lg, e in zip(logits, batch)) / len(batch)
-        record: dict[str, Any] = {"step": step, "loss": round(loss.item(), 6), "train_acc": round(acc, 3),
-                                  "seconds": round(seconds, 2)}
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": round(loss.item(), 6),
+            "train_acc": round(acc, 3),
+            "seconds": round(seconds, 2),
+        }
         if schedule.lr_schedule != "constant":
             record["lr"] = lr
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.1f}")

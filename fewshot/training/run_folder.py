@@ -1,16 +1,18 @@
 """The files of a run folder: the same names for every kind of run (few-shot, pretraining).
 
-    config.yaml   the resolved options (reloads with ``--config``)
-    log.jsonl     one JSON record per line, each with the ``step`` it was written at
-    last.pt       the latest checkpoint: what ``--resume`` continues from
-    best.pt       the checkpoint of the best validation accuracy (episodic training and the Baselines)
-    result.json   the final record
+config.yaml   the resolved options (reloads with ``--config``)
+log.jsonl     one JSON record per line, each with the ``step`` it was written at
+last.pt       the latest checkpoint: what ``--resume`` continues from
+best.pt       the checkpoint of the best validation accuracy (episodic training and the Baselines)
+result.json   the final record
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 CONFIG = "config.yaml"
 LOG = "log.jsonl"
@@ -35,8 +37,11 @@ class JsonlLog:
         if resume_step is None:
             self.path.unlink()
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= resume_step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line and json.loads(line).get("step", 0) <= resume_step
+        ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: Mapping[str, Any]) -> None:

@@ -13,22 +13,24 @@ Building blocks, usable one by one:
 ``fit`` trains any ``nn.Module`` mapping a normalized image batch to logits, so a backbone with a cosine
 head (Baseline++) goes through the same loop as a CIFAR ResNet.
 """
+
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from fewshot.training.budget import check_train_seconds
 from fewshot.data.classification import AugmentedDataset, ClassificationData, EpochSampler, Normalizer, ShardSampler
+from fewshot.training.budget import check_train_seconds
 from fewshot.training.checkpoint import (
     ModelSpec,
     capture_rng_state,
@@ -43,8 +45,19 @@ from fewshot.training.distributed import DistInfo, all_gather_objects, all_reduc
 from fewshot.training.run_folder import LAST, LOG, JsonlLog
 
 __all__ = [
-    "OptimConfig", "LoopConfig", "Precision", "build_optimizer", "build_scheduler", "train_step", "evaluate",
-    "topk_correct", "fit", "build_model", "model_from_checkpoint", "count_parameters", "set_seed",
+    "OptimConfig",
+    "LoopConfig",
+    "Precision",
+    "build_optimizer",
+    "build_scheduler",
+    "train_step",
+    "evaluate",
+    "topk_correct",
+    "fit",
+    "build_model",
+    "model_from_checkpoint",
+    "count_parameters",
+    "set_seed",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -135,8 +148,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+        )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -144,7 +158,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     raise ValueError(f"--optimizer {cfg.optimizer!r} is not valid; choose one of: {', '.join(OPTIMIZERS)}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch learning-rate schedule of ``cfg``."""
     if cfg.schedule == "multistep":
         milestones = list(cfg.milestones)
@@ -184,8 +200,14 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
-def train_step(model: nn.Module, images: Tensor, targets: Tensor, optimizer: torch.optim.Optimizer,
-               precision: Precision, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+def train_step(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """One optimization step; returns the (detached) loss and logits."""
     with precision.autocast():
         logits = model(images)
@@ -206,8 +228,9 @@ def topk_correct(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) ->
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, normalize: Normalizer, precision: Precision,
-             info: DistInfo = DistInfo()) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, loader: Iterable, normalize: Normalizer, precision: Precision, info: DistInfo = DistInfo()
+) -> dict[str, float]:
     """Mean loss, top-1 and top-5 accuracy (fractions) over ``loader``, combined over DDP ranks."""
     was_training = model.training
     model.eval()
@@ -220,13 +243,19 @@ def evaluate(model: nn.Module, loader: Iterable, normalize: Normalizer, precisio
         with precision.autocast():
             logits = model(x)
         top1, top5 = topk_correct(logits.float(), y)
-        sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(), top1.double(), top5.double()])
+        sums += torch.stack(
+            [F.cross_entropy(logits.float(), y, reduction="sum").double(), top1.double(), top5.double()]
+        )
         count += y.numel()
     model.train(was_training)
     sums = all_reduce_sum(torch.cat([sums, sums.new_tensor([float(count)])]), info)
     count = max(sums[3].item(), 1.0)
-    return {"loss": sums[0].item() / count, "top1": sums[1].item() / count, "top5": sums[2].item() / count,
-            "images": int(sums[3].item())}
+    return {
+        "loss": sums[0].item() / count,
+        "top1": sums[1].item() / count,
+        "top5": sums[2].item() / count,
+        "images": int(sums[3].item()),
+    }
 
 
 # ------------------------------------------------------------------------------------- models
@@ -241,9 +270,16 @@ def build_model(spec: ModelSpec, atom_drop: float = 0.1) -> nn.Module:
     from fewshot.backbones import create_backbone
 
     spec = spec.normalized()
-    return create_backbone(spec.backbone, acdc=spec.acdc, atoms=spec.atoms or 8, group_size=spec.group_size,
-                           num_classes=spec.num_classes, atom_drop=atom_drop, decompose_stem=spec.decompose_stem,
-                           **spec.kwargs)
+    return create_backbone(
+        spec.backbone,
+        acdc=spec.acdc,
+        atoms=spec.atoms or 8,
+        group_size=spec.group_size,
+        num_classes=spec.num_classes,
+        atom_drop=atom_drop,
+        decompose_stem=spec.decompose_stem,
+        **spec.kwargs,
+    )
 
 
 def expand_model(model: nn.Module, scope: str | None, atoms: int | None) -> nn.Module:
@@ -258,8 +294,13 @@ def expand_model(model: nn.Module, scope: str | None, atoms: int | None) -> nn.M
     return model if out is None else out
 
 
-def model_from_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu",
-                          expect: ModelSpec | None = None, ignore: tuple[str, ...] = ()) -> tuple[nn.Module, dict]:
+def model_from_checkpoint(
+    path: str | Path,
+    *,
+    map_location: str | torch.device = "cpu",
+    expect: ModelSpec | None = None,
+    ignore: tuple[str, ...] = (),
+) -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint was saved for (from its metadata) and load its weights.
 
     With ``expect``, first check the checkpoint's metadata against it (fields in ``ignore`` excepted).
@@ -267,7 +308,9 @@ def model_from_checkpoint(path: str | Path, *, map_location: str | torch.device 
     """
     ckpt = load_checkpoint(path, map_location)
     if "meta" not in ckpt:
-        raise ValueError(f"checkpoint {str(path)!r} has no model metadata; build the model yourself and use load_model_state")
+        raise ValueError(
+            f"checkpoint {str(path)!r} has no model metadata; build the model yourself and use load_model_state"
+        )
     spec = ModelSpec.from_dict(ckpt["meta"])
     if expect is not None:
         check_model_spec(spec, expect, path, ignore)
@@ -281,13 +324,13 @@ def model_from_checkpoint(path: str | Path, *, map_location: str | torch.device 
 
 @dataclass
 class _Progress:
-    epoch: int = 0           # current epoch (0-based); == epochs when done
-    batch: int = 0           # batches of `epoch` already trained
-    step: int = 0            # global optimization steps so far
+    epoch: int = 0  # current epoch (0-based); == epochs when done
+    batch: int = 0  # batches of `epoch` already trained
+    step: int = 0  # global optimization steps so far
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this epoch: loss*n, correct, n
-    seconds: float = 0.0     # training wall time so far
-    images: int = 0          # training images seen (all ranks)
-    clock: float = 0.0       # wall time of the loop so far (training + evaluation + checkpoints): the budget's clock
+    seconds: float = 0.0  # training wall time so far
+    images: int = 0  # training images seen (all ranks)
+    clock: float = 0.0  # wall time of the loop so far (training + evaluation + checkpoints): the budget's clock
 
 
 def fit(
@@ -354,8 +397,14 @@ def fit(
     sampler = EpochSampler(train_set, info.world_size, info.rank, loop.seed)
     pin = device.type == "cuda"
     workers = dict(num_workers=loop.workers, persistent_workers=loop.workers > 0, pin_memory=pin)
-    train_loader = DataLoader(train_set, batch_size=loop.batch_size, sampler=sampler, drop_last=True,
-                              generator=torch.Generator().manual_seed(loop.seed), **workers)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=loop.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(loop.seed),
+        **workers,
+    )
     steps_per_epoch = len(sampler) // loop.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -365,8 +414,12 @@ def fit(
     val_loader = None
     if data.val is not None and len(data.val) > 0:
         val_set = AugmentedDataset(data.val, data.eval_transform, loop.seed)
-        val_loader = DataLoader(val_set, batch_size=loop.eval_batch_size or loop.batch_size,
-                                sampler=ShardSampler(len(val_set), info.world_size, info.rank), **workers)
+        val_loader = DataLoader(
+            val_set,
+            batch_size=loop.eval_batch_size or loop.batch_size,
+            sampler=ShardSampler(len(val_set), info.world_size, info.rank),
+            **workers,
+        )
     normalize = Normalizer(data.mean, data.std, device, loop.channels_last)
 
     clock_before, clock_started = progress.clock, time.perf_counter()
@@ -382,9 +435,18 @@ def fit(
             return None
         path = run_path / LAST
         save_checkpoint(
-            path, model=raw, meta=meta, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            scaler=precision.scaler.state_dict(), progress=asdict(progress), rng=rng,
-            world_size=info.world_size, data=data.describe(), metrics=dict(metrics or {}), **dict(extra or {}),
+            path,
+            model=raw,
+            meta=meta,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=precision.scaler.state_dict(),
+            progress=asdict(progress),
+            rng=rng,
+            world_size=info.world_size,
+            data=data.describe(),
+            metrics=dict(metrics or {}),
+            **dict(extra or {}),
         )
         return str(path)
 
@@ -406,8 +468,14 @@ def fit(
         for images, targets in train_loader:
             x = normalize(images)
             y = targets.to(device, non_blocking=True)
-            loss, logits = train_step(net, x, y, optimizer, precision,
-                                      lambda z, t: F.cross_entropy(z, t, label_smoothing=loop.label_smoothing))
+            loss, logits = train_step(
+                net,
+                x,
+                y,
+                optimizer,
+                precision,
+                lambda z, t: F.cross_entropy(z, t, label_smoothing=loop.label_smoothing),
+            )
             sums += torch.stack([loss.double() * y.numel(), topk_correct(logits, y, (1,))[0].double()])
             seen += y.numel()
             progress.batch += 1
@@ -447,10 +515,18 @@ def fit(
         if val_loader is not None and ((epoch + 1) % loop.eval_every == 0 or epoch + 1 == loop.epochs):
             last_eval = evaluated = evaluate(raw, val_loader, normalize, precision, info)
         progress.epoch, progress.batch, progress.sums = epoch + 1, 0, [0.0, 0.0, 0.0]
-        record = {"event": "epoch", "epoch": epoch + 1, "step": progress.step, "lr": lr, **train,
-                  "val_loss": evaluated.get("loss"), "top1": evaluated.get("top1"), "top5": evaluated.get("top5"),
-                  "epoch_seconds": epoch_seconds,
-                  "images_per_second": (progress.images - images_before) / max(epoch_seconds, 1e-9)}
+        record = {
+            "event": "epoch",
+            "epoch": epoch + 1,
+            "step": progress.step,
+            "lr": lr,
+            **train,
+            "val_loss": evaluated.get("loss"),
+            "top1": evaluated.get("top1"),
+            "top5": evaluated.get("top5"),
+            "epoch_seconds": epoch_seconds,
+            "images_per_second": (progress.images - images_before) / max(epoch_seconds, 1e-9),
+        }
         log.write(record)
         if info.is_main and loop.progress:
             print(_summary(record), file=sys.stderr, flush=True)
@@ -461,11 +537,20 @@ def fit(
             elif out_of_time:
                 stopped, stopped_by = True, "train_seconds"
     return {
-        "epoch": progress.epoch, "step": progress.step, "steps_per_epoch": steps_per_epoch,
-        "train_loss": last_train.get("train_loss"), "train_top1": last_train.get("train_top1"),
-        "val_loss": last_eval.get("loss"), "top1": last_eval.get("top1"), "top5": last_eval.get("top5"),
-        "seconds": progress.seconds, "images_per_second": progress.images / max(progress.seconds, 1e-9),
-        "stopped_early": stopped, "stopped_by": stopped_by, "clock_seconds": clock(), "checkpoint": ckpt_path,
+        "epoch": progress.epoch,
+        "step": progress.step,
+        "steps_per_epoch": steps_per_epoch,
+        "train_loss": last_train.get("train_loss"),
+        "train_top1": last_train.get("train_top1"),
+        "val_loss": last_eval.get("loss"),
+        "top1": last_eval.get("top1"),
+        "top5": last_eval.get("top5"),
+        "seconds": progress.seconds,
+        "images_per_second": progress.images / max(progress.seconds, 1e-9),
+        "stopped_early": stopped,
+        "stopped_by": stopped_by,
+        "clock_seconds": clock(),
+        "checkpoint": ckpt_path,
     }
 
 
@@ -476,12 +561,22 @@ def _on_any_rank(flag: bool, info: DistInfo) -> bool:
     return all_reduce_sum(torch.tensor([float(flag)], device=info.device), info).item() > 0
 
 
-def _restore(path: str | Path, ckpt: Mapping[str, Any], raw: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision, progress: _Progress,
-             info: DistInfo, meta: ModelSpec | None) -> None:
+def _restore(
+    path: str | Path,
+    ckpt: Mapping[str, Any],
+    raw: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    precision: Precision,
+    progress: _Progress,
+    info: DistInfo,
+    meta: ModelSpec | None,
+) -> None:
     missing = [k for k in ("model", "optimizer", "scheduler", "progress") if k not in ckpt]
     if missing:
-        raise ValueError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}: it is not a training checkpoint of fit()")
+        raise ValueError(
+            f"checkpoint {str(path)!r} lacks {', '.join(missing)}: it is not a training checkpoint of fit()"
+        )
     if meta is not None:
         check_model_spec(ckpt.get("meta"), meta, path)
     load_model_state(raw, ckpt["model"], source=f"checkpoint {str(path)!r}")
@@ -501,9 +596,12 @@ def _restore(path: str | Path, ckpt: Mapping[str, Any], raw: nn.Module, optimize
         # Another process count changes the data shards anyway: continue reproducibly, not identically.
         set_seed(int(progress.step) * 1000 + info.rank)
         if info.is_main:
-            print(f"note: the checkpoint was written by {len(states)} process(es), this run has "
-                  f"{info.world_size}; RNG states are re-seeded, so the run continues reproducibly "
-                  f"but not identically", file=sys.stderr)
+            print(
+                f"note: the checkpoint was written by {len(states)} process(es), this run has "
+                f"{info.world_size}; RNG states are re-seeded, so the run continues reproducibly "
+                f"but not identically",
+                file=sys.stderr,
+            )
 
 
 def _lr(optimizer: torch.optim.Optimizer) -> float:
@@ -515,13 +613,16 @@ def _progress_bar(enabled: bool, total: int, done: int, epoch: int, epochs: int)
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr, dynamic_ncols=True
+    )
 
 
 def _summary(record: Mapping[str, Any]) -> str:
-    text = (f"epoch {record['epoch']} step {record['step']} lr {record['lr']:.4g} "
-            f"train loss {record['train_loss']:.4f} top1 {record['train_top1']:.4f}")
+    text = (
+        f"epoch {record['epoch']} step {record['step']} lr {record['lr']:.4g} "
+        f"train loss {record['train_loss']:.4f} top1 {record['train_top1']:.4f}"
+    )
     if record.get("top1") is not None:
         text += f" | val loss {record['val_loss']:.4f} top1 {record['top1']:.4f} top5 {record['top5']:.4f}"
     return text + f" | {record['images_per_second']:.0f} img/s"
