@@ -239,14 +239,13 @@ def test_torchvision_resnet18_decomposed_stem_counts():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(scope="stage"), "unknown ACDC scope 'stage'; valid scopes: net, block, layer, g-net, g-block, g-layer"),
+        (dict(scope="stage"), "unknown scope 'stage'; valid: none, net, block, layer, g-net, g-block, g-layer"),
         (dict(scope="net", atoms=0), "atoms must be an integer >= 1, got 0"),
         (dict(scope="net", atoms=2.5), "atoms must be an integer >= 1, got 2.5"),
-        (dict(scope="g-net"), "scope 'g-net' needs group_size= (channels per filter group, e.g. 32 or 64)"),
+        (dict(scope="g-net"), "scope='g-net' needs group_size (channels per filter group, e.g. 32)"),
         (
             dict(scope="block", group_size=4),
-            "group_size=4 is only used by the grouped scopes g-net, g-block, g-layer; "
-            "scope 'block' takes group_size=None",
+            "group_size=4 applies only to the grouped scopes g-net, g-block, g-layer, not scope='block'",
         ),
         (dict(scope="g-layer", group_size=0), "group_size must be an integer >= 1, got 0"),
         (dict(scope="net", atom_drop=1.0), "atom_drop must be a number in [0, 1), got 1.0"),

@@ -271,9 +271,12 @@ def test_unknown_option_lists_the_valid_options():
         (dict(num_classes=2.0), "num_classes must be an integer >= 0, got 2.0"),
         (dict(atoms=0), "atoms must be an integer >= 1, got 0"),
         (dict(atoms="8"), "atoms must be an integer >= 1, got '8'"),
-        (dict(atom_drop=1.0), "atom_drop must be a probability in [0, 1), got 1.0"),
-        (dict(group_size=16), "group_size=16 needs a grouped ACDC scope (g-net, g-block, g-layer); got acdc=None"),
-        (dict(decompose_stem=True), "decompose_stem=True needs an ACDC scope; got acdc=None"),
+        (dict(atom_drop=1.0), "atom_drop must be a number in [0, 1), got 1.0"),
+        (
+            dict(group_size=16),
+            "group_size=16 applies only to the grouped scopes g-net, g-block, g-layer, not acdc=None",
+        ),
+        (dict(decompose_stem=True), "decompose_stem needs an ACDC scope; got acdc=None"),
         (dict(stem="cifar"), "unknown ResNet stem 'cifar'; valid: imagenet, small"),
         (dict(in_channels=0), "in_channels must be an integer >= 1, got 0"),
     ],
@@ -443,15 +446,15 @@ def test_backbone_works_with_higher(acdc):
 @pytest.mark.parametrize(
     "kw, message",
     [
-        (dict(acdc="stage"), "unknown acdc scope 'stage'; valid: none, net, block, layer, g-net, g-block, g-layer"),
+        (dict(acdc="stage"), "unknown acdc 'stage'; valid: none, net, block, layer, g-net, g-block, g-layer"),
         (
             dict(acdc="net", group_size=32),
-            "group_size=32 applies only to the grouped scopes (g-net, g-block, g-layer); got acdc='net'",
+            "group_size=32 applies only to the grouped scopes g-net, g-block, g-layer, not acdc='net'",
         ),
-        (dict(acdc="g-net"), "acdc='g-net' needs group_size= (channels per filter group, e.g. 32 or 64)"),
+        (dict(acdc="g-net"), "acdc='g-net' needs group_size (channels per filter group, e.g. 32)"),
         (dict(acdc="g-net", group_size=0), "group_size must be an integer >= 1, got 0"),
         (dict(acdc="net", atoms=0), "atoms must be an integer >= 1, got 0"),
-        (dict(acdc="net", atom_drop=-0.1), "atom_drop must be a probability in [0, 1), got -0.1"),
+        (dict(acdc="net", atom_drop=-0.1), "atom_drop must be a number in [0, 1), got -0.1"),
     ],
 )
 def test_bad_acdc_arguments_raise_one_clear_error(kw, message):

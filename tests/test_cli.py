@@ -143,7 +143,7 @@ def fails(capsys, argv: list[str], out: Path, method: str | None = None, one_lin
             ["--train-seconds must be a positive number of seconds, got nan"],
         ),
         (["--acdc", "g-net"], "maml", ["--acdc g-net needs --group-size"]),
-        (["--group-size", "4"], "maml", ["--group-size applies only to the grouped scopes", "--acdc none"]),
+        (["--group-size", "4"], "maml", ["--group-size 4 applies only to the grouped scopes", "--acdc none"]),
         (["--eval-only"], "maml", ["--eval-only needs --checkpoint"]),
         (
             ["--train-ways", "20"],

@@ -4,6 +4,7 @@ virtual environment (no dependencies: it reuses this interpreter's torch), loads
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import venv
@@ -18,9 +19,24 @@ print(json.dumps({"file": fewshot.__file__, "sizes": {k: len(v) for k, v in spli
 
 
 def test_wheel_ships_the_split_file_and_loads_it_outside_the_source_tree(tmp_path):
+    source = tmp_path / "source"  # a copy: building in place would leave build/ in the repository
+    shutil.copytree(REPO / "fewshot", source / "fewshot", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     wheels = tmp_path / "wheels"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(source),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -638,6 +638,27 @@ def test_cli_backbone_options_one_way_each(cifar_root, tmp_path, capsys, flags, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--acdc", "g-net"], "error: --acdc g-net needs --group-size (channels per filter group, e.g. 32)"),
+        (
+            ["--group-size", "4"],
+            "error: --group-size 4 applies only to the grouped scopes g-net, g-block, g-layer, not --acdc net",
+        ),
+        (["--atom-drop", "1"], "error: --atom-drop must be a number in [0, 1), got 1.0"),
+        (["--atoms", "0"], "error: --atoms must be an integer >= 1, got 0"),
+        (["--acdc", "none", "--decompose-stem"], "error: --decompose-stem needs an ACDC scope; got --acdc none"),
+    ],
+)
+def test_cli_acdc_rules_are_the_few_shot_cli_rules(cifar_root, tmp_path, capsys, flags, expected):
+    """The rules of fewshot.acdc.rules, naming the flags as the few-shot command line does (a repeated flag:
+    the last one counts)."""
+    args = base_args(cifar_root, tmp_path / "run", *flags)
+    assert error_of(args, capsys) == expected
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_growth_flags_need_a_checkpoint(cifar_root, tmp_path, capsys):
     msg = error_of(base_args(cifar_root, tmp_path / "b", "--expand-atoms", "6"), capsys)
     assert msg == "error: --expand-scope/--expand-atoms grow a trained model: give --init-from CHECKPOINT"

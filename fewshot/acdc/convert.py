@@ -1,6 +1,6 @@
 """Turn the convs of any ``nn.Module`` into ACDC convs with a chosen sharing scope.
 
-Scopes (see ``docs/acdc-method.md``):
+Scopes (the rules of the options: ``fewshot.acdc.rules``):
 
 - ``net``: one coefficient tensor ``A`` for all decomposed convs, sized to the largest ``c_out`` and
   ``c_in`` among them; each conv reads the leading corner ``A[:c_out, :c_in]``.
@@ -23,31 +23,10 @@ import torch
 from torch import nn
 
 from fewshot.acdc.blocks import BlockOf, infer_blocks
-from fewshot.acdc.layer import ACDCConv2d, SharedCoefficients, check_atom_drop, grouped_layout_error
+from fewshot.acdc.layer import ACDCConv2d, SharedCoefficients, grouped_layout_error
+from fewshot.acdc.rules import GROUPED_SCOPES, SCOPES, check_acdc_options
 
-__all__ = ["SCOPES", "GROUPED_SCOPES", "convert", "check_scope_args", "is_imagenet_stem", "owner_shape", "build_owners"]
-
-SCOPES: tuple[str, ...] = ("net", "block", "layer", "g-net", "g-block", "g-layer")
-GROUPED_SCOPES: tuple[str, ...] = ("g-net", "g-block", "g-layer")
-
-
-def check_scope_args(scope: object, atoms: object, group_size: object, atom_drop: object = 0.1) -> None:
-    """Raise ValueError for an unknown scope, ``atoms < 1``, a misplaced/missing group_size, bad atom_drop."""
-    if scope not in SCOPES:
-        raise ValueError(f"unknown ACDC scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
-    if isinstance(atoms, bool) or not isinstance(atoms, int) or atoms < 1:
-        raise ValueError(f"atoms must be an integer >= 1, got {atoms!r}")
-    if scope in GROUPED_SCOPES:
-        if group_size is None:
-            raise ValueError(f"scope {scope!r} needs group_size= (channels per filter group, e.g. 32 or 64)")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
-    elif group_size is not None:
-        raise ValueError(
-            f"group_size={group_size!r} is only used by the grouped scopes "
-            f"{', '.join(GROUPED_SCOPES)}; scope {scope!r} takes group_size=None"
-        )
-    check_atom_drop(atom_drop)
+__all__ = ["SCOPES", "GROUPED_SCOPES", "convert", "is_imagenet_stem", "owner_shape", "build_owners"]
 
 
 def is_imagenet_stem(conv: nn.Conv2d) -> bool:
@@ -159,7 +138,8 @@ def convert(
             the ``block``/``g-block`` scopes; default zeros ``(2, in_channels of the first conv, 64, 64)``.
         block_of: ``block_of(name, conv) -> hashable`` overrides the trace: convs with equal keys share.
     """
-    check_scope_args(scope, atoms, group_size, atom_drop)
+    if check_acdc_options(scope, atoms, group_size, atom_drop) is None:
+        raise ValueError(f"convert needs an ACDC scope, one of {', '.join(SCOPES)}; got scope={scope!r}")
     plan = _plan(model, decompose_stem)
     if group_size is not None:
         for name, conv in plan:

@@ -28,24 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from fewshot.acdc.rules import check_atom_drop, check_positive_int
+
 __all__ = ["SharedCoefficients", "ACDCConv2d", "channel_shuffle", "grouped_layout_error", "PADDING_MODES"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 EVALUATIONS = ("auto", "kernel", "two-stage")
 _PaddingArg = str | int | tuple[int, int]
-
-
-def _check_positive_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def check_atom_drop(p: object) -> float:
-    """Return ``p`` as a float if it is a valid atom-drop rate (``0 <= p < 1``), else raise."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= float(p) < 1.0):
-        raise ValueError(f"atom_drop must be a number in [0, 1), got {p!r}")
-    return float(p)
 
 
 def grouped_layout_error(in_channels: int, out_channels: int, group_size: int) -> str | None:
@@ -99,9 +88,9 @@ class SharedCoefficients(nn.Module):
 
     def __init__(self, rows: int, cols: int, atoms: int, *, device=None, dtype=None) -> None:
         super().__init__()
-        _check_positive_int(rows, "rows")
-        _check_positive_int(cols, "cols")
-        _check_positive_int(atoms, "atoms")
+        check_positive_int(rows, "rows")
+        check_positive_int(cols, "cols")
+        check_positive_int(atoms, "atoms")
         self.coefficients = nn.Parameter(torch.empty(rows, cols, atoms, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -223,12 +212,12 @@ class ACDCConv2d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_positive_int(in_channels, "in_channels")
-        _check_positive_int(out_channels, "out_channels")
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(out_channels, "out_channels")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = tuple(_check_positive_int(k, "kernel_size") for k in _pair(kernel_size))
-        self.stride = tuple(_check_positive_int(v, "stride") for v in _pair(stride))
-        self.dilation = tuple(_check_positive_int(v, "dilation") for v in _pair(dilation))
+        self.kernel_size = tuple(check_positive_int(k, "kernel_size") for k in _pair(kernel_size))
+        self.stride = tuple(check_positive_int(v, "stride") for v in _pair(stride))
+        self.dilation = tuple(check_positive_int(v, "dilation") for v in _pair(dilation))
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
@@ -250,7 +239,7 @@ class ACDCConv2d(nn.Module):
         self.scope: str | None = None  # set by convert()/expand()
 
         if group_size is not None:
-            _check_positive_int(group_size, "group_size")
+            check_positive_int(group_size, "group_size")
             problem = grouped_layout_error(in_channels, out_channels, group_size)
             if problem:
                 raise ValueError(f"ACDCConv2d({in_channels}, {out_channels}): {problem}")

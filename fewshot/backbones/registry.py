@@ -8,13 +8,13 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from fewshot.acdc.rules import check_acdc_options
 from fewshot.backbones.base import check_int
 
 Builder = Callable[..., nn.Module]
 B = TypeVar("B", bound=Builder)
 
 _BACKBONES: dict[str, Builder] = {}
-DENSE = "none"
 
 
 def register_backbone(name: str | B) -> Callable[[B], B] | B:
@@ -82,14 +82,11 @@ def create_backbone(
     """
     builder = _builder(name)
     num_classes = check_int(num_classes, "num_classes", 0)
-    check_int(atoms, "atoms")
-    if isinstance(atom_drop, bool) or not isinstance(atom_drop, (int, float)) or not 0.0 <= atom_drop < 1.0:
-        raise ValueError(f"atom_drop must be a probability in [0, 1), got {atom_drop!r}")
     unknown = sorted(set(kw) - set(backbone_options(name)))
     if unknown:
         valid = ", ".join(backbone_options(name)) or "none"
         raise ValueError(f"backbone {name!r} got unknown option(s) {', '.join(unknown)}; valid options: {valid}")
-    scope = _check_scope(acdc, group_size, decompose_stem)
+    scope = check_acdc_options(acdc, atoms, group_size, atom_drop, decompose_stem, scope_name="acdc")
     model = builder(num_classes, **kw)
     if scope is None:
         return model
@@ -105,30 +102,3 @@ def create_backbone(
         decompose_stem=decompose_stem,
         block_of=model.acdc_block_of,
     )
-
-
-def _check_scope(acdc: str | None, group_size: int | None, decompose_stem: bool) -> str | None:
-    """The ACDC scope to convert with, or None for dense; raises on arguments that would be ignored."""
-    if acdc is None or acdc == DENSE:
-        if group_size is not None:
-            raise ValueError(
-                f"group_size={group_size!r} needs a grouped ACDC scope (g-net, g-block, g-layer); got acdc={acdc!r}"
-            )
-        if decompose_stem:
-            raise ValueError(f"decompose_stem=True needs an ACDC scope; got acdc={acdc!r}")
-        return None
-    from fewshot.acdc import SCOPES
-
-    if acdc not in SCOPES:
-        raise ValueError(f"unknown acdc scope {acdc!r}; valid: {DENSE}, {', '.join(SCOPES)}")
-    if group_size is None:
-        if acdc.startswith("g-"):
-            raise ValueError(f"acdc={acdc!r} needs group_size= (channels per filter group, e.g. 32 or 64)")
-    else:
-        check_int(group_size, "group_size")
-        if not acdc.startswith("g-"):
-            raise ValueError(
-                f"group_size={group_size!r} applies only to the grouped scopes (g-net, g-block, g-layer); "
-                f"got acdc={acdc!r}"
-            )
-    return acdc

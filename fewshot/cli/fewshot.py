@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fewshot.acdc.rules import check_acdc_options
 from fewshot.cli.common import OneLineParser, add_backbone_options, add_run_options, check_out_folder
 from fewshot.config import cli_main, parse_args_with_config, save_config
 from fewshot.evaluation import evaluate, result_record
@@ -233,7 +234,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             "meta_batch",
             "val_episodes",
             "test_episodes",
-            "atoms",
             "image_size",
             "eval_batch",
             "fce_steps",
@@ -245,15 +245,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     )
     _check_positive(args, ("inner_steps", "test_inner_steps", "val_every", "workers"), minimum=0)
     check_train_seconds(args.train_seconds)
-    if not 0.0 <= args.atom_drop < 1.0:
-        raise ValueError(f"--atom-drop must be in [0, 1), got {args.atom_drop}")
-    grouped = args.acdc.startswith("g-")
-    if grouped and args.group_size is None:
-        raise ValueError(f"--acdc {args.acdc} needs --group-size (channels per group, e.g. 16)")
-    if not grouped and args.group_size is not None:
-        raise ValueError(
-            f"--group-size applies only to the grouped scopes g-net, g-block, g-layer, not --acdc {args.acdc}"
-        )
+    check_acdc_options(args.acdc, args.atoms, args.group_size, args.atom_drop, scope_name="acdc", style="cli")
     own = METHOD_OPTIONS.get(args.method, {})
     for options in METHOD_OPTIONS.values():
         for name in options:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fewshot.acdc import SCOPES
+from fewshot.acdc.rules import GROUPED_SCOPES, SCOPES, check_acdc_options
 from fewshot.cli.common import OneLineParser, add_backbone_options, add_run_options, check_out_folder
 from fewshot.config import cli_main, parse_args_with_config, save_config, to_yaml_value
 from fewshot.io import write_json
@@ -135,18 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse combinations that would be ignored or cannot work, naming the flags."""
-    for name in ("epochs", "batch_size", "atoms"):
+    for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    grouped = args.acdc.startswith("g-") or (args.expand_scope or "").startswith("g-")
-    if args.group_size is not None and not grouped:
-        raise ValueError(
-            f"--group-size applies only to the grouped scopes g-net, g-block, g-layer, not --acdc {args.acdc}"
-        )
-    if args.acdc == "none" and args.decompose_stem:
-        raise ValueError("--decompose-stem needs an ACDC scope (--acdc ...)")
+    # The model as built: its group size may belong to the scope it grows into (--expand-scope g-*).
+    grows_into_groups = args.expand_scope in GROUPED_SCOPES and args.acdc not in GROUPED_SCOPES
+    cli_rules = {"style": "cli"}
+    check_acdc_options(
+        args.acdc,
+        args.atoms,
+        None if grows_into_groups else args.group_size,
+        args.atom_drop,
+        args.decompose_stem,
+        scope_name="acdc",
+        **cli_rules,
+    )
     if args.init_from is not None and not Path(args.init_from).is_file():
         raise FileNotFoundError(f"--init-from {args.init_from!r}: no such checkpoint file")
     if args.stem is not None and not args.backbone.startswith("resnet"):
@@ -155,6 +160,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--expand-scope/--expand-atoms grow a trained model: give --init-from CHECKPOINT")
     if (args.expand_scope or args.expand_atoms) and args.acdc == "none":
         raise ValueError("--expand-scope/--expand-atoms need the ACDC model being grown: give its --acdc and --atoms")
+    if args.expand_scope or args.expand_atoms:  # the model it grows into
+        check_acdc_options(
+            args.expand_scope or args.acdc,
+            args.expand_atoms or args.atoms,
+            args.group_size,
+            args.atom_drop,
+            scope_name="expand_scope" if args.expand_scope else "acdc",
+            **cli_rules,
+        )
     if args.milestones is not None and args.schedule != "multistep":
         raise ValueError(f"--milestones apply to --schedule multistep, not {args.schedule}")
     if args.schedule == "multistep" and args.milestones is None:
