@@ -4,7 +4,7 @@
 count and the difference, and exits 1 if any row is off by more than its tolerance:
 max(1% of the paper's figure, 0.01M) for parameter counts, 2% (relative) for the compute ratios.
 
-Counting conventions (``docs/acdc-method.md``):
+Counting conventions (the paper's):
 - parameters: ``sum(p.numel() for p in model.parameters())`` (a shared coefficient tensor counts once,
   BatchNorm affine parameters count, buffers do not); CIFAR networks with a 10-class classifier,
   ImageNet networks without one.
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fewshot.acdc import ACDCConv2d
+from fewshot.acdc import ACDCConv2d, count_parameters
 from fewshot.backbones import create_backbone
 
 PARAM_TOLERANCE = 0.01  # relative, with an absolute floor of PARAM_FLOOR millions
@@ -136,11 +136,6 @@ RATIO_SPECS: tuple[Spec, ...] = (
     _spec("4", *_R18, 10, "g-net", 8, 32, 0.270),
 )
 RATIO_IMAGE_SIZE = 64
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Trainable tensors' elements, each shared tensor once (``nn.Module.parameters`` deduplicates)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def build(spec: Spec, device: str | torch.device = "meta") -> nn.Module:

@@ -1,5 +1,5 @@
 """``fewshot.params``: every published row agrees, the counts match a closed-form count from the rules of
-docs/acdc-method.md, multiply-adds match an analytic count, and the command's exit status."""
+the paper's conventions, multiply-adds match an analytic count, and the command's exit status."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def conv_output_sizes(model: nn.Module, image_size: int) -> dict[str, tuple[int,
 
 def analytic_macs(backbone: str, group_size: int | None, image_size: int = 64) -> int:
     """Per-image multiply-adds of a CIFAR network: every output channel of a decomposed grouped conv reads
-    min(s, c_in) inputs (docs/acdc-method.md); 1x1 convs and the classifier are dense."""
+    min(s, c_in) inputs; 1x1 convs and the classifier are dense."""
     with torch.device("meta"):
         model = create_backbone(backbone, num_classes=10).eval()
     sizes = conv_output_sizes(model, image_size)

@@ -25,7 +25,14 @@ from fewshot.data.classification import (
 )
 from fewshot.data.transforms import GLYPHS_MEAN, GLYPHS_STD
 from fewshot.training.checkpoint import load_checkpoint
-from fewshot.training.supervised import LoopConfig, OptimConfig, evaluate, fit, model_from_checkpoint, topk_correct
+from fewshot.training.supervised import (
+    LoopConfig,
+    OptimConfig,
+    evaluate_classifier,
+    fit,
+    model_from_checkpoint,
+    topk_correct,
+)
 
 # --------------------------------------------------------------------------------- tiny data
 
@@ -463,7 +470,9 @@ def test_cli_writes_results_config_log_and_a_loadable_checkpoint(cifar_root, tmp
     from fewshot.training.supervised import Precision
 
     loader = DataLoader(AugmentedDataset(data.val, data.eval_transform), batch_size=7)
-    again = evaluate(model, loader, Normalizer(data.mean, data.std, "cpu"), Precision("off", torch.device("cpu")))
+    again = evaluate_classifier(
+        model, loader, Normalizer(data.mean, data.std, "cpu"), Precision("off", torch.device("cpu"))
+    )
     assert again["top1"] == pytest.approx(saved["top1"])
     assert again["loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
     # The saved config reproduces the run.

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fewshot.data.classification import AugmentedDataset, Normalizer, load_classification_data
-from fewshot.training.supervised import Precision, evaluate, model_from_checkpoint
+from fewshot.training.supervised import Precision, evaluate_classifier, model_from_checkpoint
 from tests.test_pretrain import write_fake_cifar10
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,9 @@ def test_torchrun_two_processes_agree_and_checkpoint_loads_in_one(tmp_path):
         assert torch.equal(value, rank0[key]), key
     data = load_classification_data("cifar10", data_root)
     loader = torch.utils.data.DataLoader(AugmentedDataset(data.val, data.eval_transform), batch_size=16)
-    single = evaluate(model, loader, Normalizer(data.mean, data.std, "cpu"), Precision("off", torch.device("cpu")))
+    single = evaluate_classifier(
+        model, loader, Normalizer(data.mean, data.std, "cpu"), Precision("off", torch.device("cpu"))
+    )
     assert single["images"] == 16
     assert single["top1"] == pytest.approx(results["top1"]) and single["top5"] == pytest.approx(results["top5"])
     assert single["loss"] == pytest.approx(results["val_loss"], rel=1e-5)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from fewshot.acdc.layer import ACDCConv2d
+from fewshot.modes import eval_mode
 
 __all__ = ["infer_blocks", "default_example_input", "BlockOf"]
 
@@ -73,10 +74,8 @@ def infer_blocks(
         return hook
 
     handles = [conv.register_forward_hook(make_hook(name)) for name, conv in convs]
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             _run(model, example_input)
     except _TraceComplete:
         pass
@@ -89,8 +88,6 @@ def infer_blocks(
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
     missing = [name for name, _ in convs if name not in seen]
     if missing:
         raise ValueError(

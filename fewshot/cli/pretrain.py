@@ -264,9 +264,10 @@ def default_out(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything after parsing; returns the results dict (also written by rank 0)."""
+    from fewshot.acdc import count_parameters
     from fewshot.data.classification import load_classification_data
     from fewshot.training.distributed import cleanup_distributed, setup_distributed
-    from fewshot.training.supervised import LoopConfig, OptimConfig, build_model, count_parameters, expand_model, fit
+    from fewshot.training.supervised import LoopConfig, OptimConfig, build_model, expand_model, fit
 
     check_args(args)
     started = time.perf_counter()

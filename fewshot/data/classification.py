@@ -501,10 +501,8 @@ def _no_holdout(name: str, holdout: float | None) -> None:
 def _fewshot_base_classes(
     name: str, root: str | Path | None, image_size: int | None, augment: bool, holdout: float
 ) -> ClassificationData:
-    try:
-        from fewshot.data import create_dataset, list_datasets
-    except ImportError:  # the few-shot data registry is not available
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(CLASSIFICATION_DATASETS)}") from None
+    from fewshot.data import create_dataset, list_datasets
+
     if name not in list_datasets():
         valid = ", ".join(list(CLASSIFICATION_DATASETS) + list(list_datasets()))
         raise ValueError(f"unknown dataset {name!r}; valid: {valid}")

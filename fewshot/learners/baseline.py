@@ -31,9 +31,9 @@ from fewshot.learners.heads import (
     backbone_features,
     check_episode,
     embed,
-    eval_mode,
     reject_unknown_options,
 )
+from fewshot.modes import eval_mode
 
 
 class PretrainModel(nn.Module):

@@ -4,15 +4,14 @@
   weight-normalised per-class gains as in Chen et al.'s code).
 * ``embed_episode`` / ``check_episode`` / ``class_means``: per-episode feature extraction and the
   class prototypes of ProtoNet (RelationNet compares feature maps instead: relationnet.py).
-* ``eval_mode``: run a module in eval mode and restore every submodule's previous mode.
+* ``eval_mode`` (from ``fewshot.modes``): Chen et al. evaluate every learner but MAML on features computed
+  after ``model.eval()`` (BatchNorm on running statistics), so ``predict`` of these learners runs inside it.
 * ``reject_unknown_options``: the uniform error for misspelt learner options.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -81,22 +80,6 @@ class CosineClassifier(nn.Module):
             f"in_features={self.in_features}, num_classes={self.num_classes}, "
             f"scale={self.scale}, learnable_norm={self.learnable_norm}"
         )
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode for the block, then restore each submodule's own train/eval flag.
-
-    Chen et al. evaluate every learner but MAML on features computed after ``model.eval()``
-    (BatchNorm on running statistics), so ``predict`` of these learners runs inside this context.
-    """
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def reject_unknown_options(learner: str, unknown: dict[str, Any], init: Any) -> None:

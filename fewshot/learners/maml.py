@@ -9,8 +9,8 @@ inner loop adapts it as one tensor that every layer then uses.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 from fewshot.acdc.layer import hold_atom_masks
 from fewshot.data.episode import Episode
 from fewshot.learners.base import Learner, register_learner
+from fewshot.modes import eval_mode
 
 ADAPT_CHOICES = ("all", "atoms", "coefficients", "head")
 BN_MODES = ("transductive", "support")
@@ -55,20 +56,6 @@ def select_adapted(names: Sequence[str], adapt: str) -> list[str]:
             f"{', '.join(ADAPT_CHOICES)} or a pattern matching names such as {names[0]!r}"
         )
     return chosen
-
-
-@contextmanager
-def _batchnorm_in_eval(model: nn.Module) -> Iterator[None]:
-    """Temporarily put every BatchNorm layer (only those) in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    modes = [m.training for m in norms]
-    try:
-        for m in norms:
-            m.training = False
-        yield
-    finally:
-        for m, mode in zip(norms, modes):
-            m.training = mode
 
 
 class _CompositeBatchNorm(TorchFunctionMode):
@@ -309,7 +296,7 @@ class MAML(Learner):
         finally:
             for h in handles:
                 h.remove()
-        with _batchnorm_in_eval(self), _CompositeBatchNorm():
+        with eval_mode(self, only=nn.modules.batchnorm._BatchNorm), _CompositeBatchNorm():
             return self._forward({**params, **statistics}, query_images)
 
     # ----------------------------------------------------------------------------------------

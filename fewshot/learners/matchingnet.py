@@ -29,9 +29,9 @@ from fewshot.learners.heads import (
     backbone_features,
     check_episode,
     embed_episode,
-    eval_mode,
     reject_unknown_options,
 )
+from fewshot.modes import eval_mode
 
 
 class SupportEncoder(nn.Module):

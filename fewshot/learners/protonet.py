@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from fewshot.data.episode import Episode
 from fewshot.learners.base import Learner, register_learner
-from fewshot.learners.heads import check_episode, class_means, embed_episode, eval_mode, reject_unknown_options
+from fewshot.learners.heads import check_episode, class_means, embed_episode, reject_unknown_options
+from fewshot.modes import eval_mode
 
 
 def prototype_logits(support: Tensor, support_labels: Tensor, query: Tensor, ways: int) -> Tensor:

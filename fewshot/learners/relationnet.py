@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from fewshot.backbones.base import init_weights
 from fewshot.data.episode import Episode
 from fewshot.learners.base import Learner, register_learner
-from fewshot.learners.heads import check_episode, eval_mode, reject_unknown_options
+from fewshot.learners.heads import check_episode, reject_unknown_options
+from fewshot.modes import eval_mode
 
 RELATION_LOSSES = ("mse", "softmax")
 CLASS_MAPS = ("sum", "mean")

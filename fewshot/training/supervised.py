@@ -4,7 +4,7 @@ Building blocks, usable one by one:
 - ``OptimConfig`` + ``build_optimizer`` / ``build_scheduler`` (SGD/Adam/AdamW; multistep/step/cosine/constant,
   stepped once per epoch);
 - ``Precision`` (autocast bf16/fp16 + GradScaler) and ``train_step`` (one optimization step);
-- ``evaluate`` (loss, top-1, top-5 over a loader, summed across DDP ranks);
+- ``evaluate_classifier`` (loss, top-1, top-5 over a loader, summed across DDP ranks);
 - ``fit`` (epochs, DDP, checkpoints every epoch / every N steps, exact resume, a wall-clock budget, JSONL
   log, progress bar);
 - ``build_model`` / ``model_from_checkpoint`` (a registry backbone from a ``ModelSpec``), ``expand_model``
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from fewshot.data.classification import AugmentedDataset, ClassificationData, EpochSampler, Normalizer, ShardSampler
+from fewshot.modes import eval_mode
 from fewshot.training.budget import check_train_seconds
 from fewshot.training.checkpoint import (
     ModelSpec,
@@ -51,12 +52,11 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "train_step",
-    "evaluate",
+    "evaluate_classifier",
     "topk_correct",
     "fit",
     "build_model",
     "model_from_checkpoint",
-    "count_parameters",
     "set_seed",
 ]
 
@@ -132,11 +132,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Trainable + frozen parameters, each shared tensor counted once."""
-    return sum(p.numel() for p in unwrap_model(model).parameters())
 
 
 # ------------------------------------------------------------------------ optimizer, schedule
@@ -228,26 +223,24 @@ def topk_correct(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) ->
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_classifier(
     model: nn.Module, loader: Iterable, normalize: Normalizer, precision: Precision, info: DistInfo = DistInfo()
 ) -> dict[str, float]:
     """Mean loss, top-1 and top-5 accuracy (fractions) over ``loader``, combined over DDP ranks."""
-    was_training = model.training
-    model.eval()
     device = normalize.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top1, top5 (summed on the device)
     count = 0
-    for images, targets in loader:
-        x = normalize(images)
-        y = targets.to(device, non_blocking=True)
-        with precision.autocast():
-            logits = model(x)
-        top1, top5 = topk_correct(logits.float(), y)
-        sums += torch.stack(
-            [F.cross_entropy(logits.float(), y, reduction="sum").double(), top1.double(), top5.double()]
-        )
-        count += y.numel()
-    model.train(was_training)
+    with eval_mode(model):
+        for images, targets in loader:
+            x = normalize(images)
+            y = targets.to(device, non_blocking=True)
+            with precision.autocast():
+                logits = model(x)
+            top1, top5 = topk_correct(logits.float(), y)
+            sums += torch.stack(
+                [F.cross_entropy(logits.float(), y, reduction="sum").double(), top1.double(), top5.double()]
+            )
+            count += y.numel()
     sums = all_reduce_sum(torch.cat([sums, sums.new_tensor([float(count)])]), info)
     count = max(sums[3].item(), 1.0)
     return {
@@ -284,10 +277,8 @@ def build_model(spec: ModelSpec, atom_drop: float = 0.1) -> nn.Module:
 
 def expand_model(model: nn.Module, scope: str | None, atoms: int | None) -> nn.Module:
     """``fewshot.acdc.expand(model, scope=..., atoms=...)``: relax sharing / add atoms, same function."""
-    try:
-        from fewshot.acdc import expand
-    except ImportError:
-        raise ValueError("capacity growth needs fewshot.acdc.expand, which this installation lacks") from None
+    from fewshot.acdc import expand
+
     # Registry backbones know their sharing blocks (as create_backbone used them for convert).
     block_of = getattr(model, "acdc_block_of", None)
     out = expand(model, scope=scope, atoms=atoms, block_of=block_of)
@@ -513,7 +504,7 @@ def fit(
         broadcast_buffers(raw, info)  # one model on every rank for evaluation and the checkpoint
         evaluated: dict[str, Any] = {}
         if val_loader is not None and ((epoch + 1) % loop.eval_every == 0 or epoch + 1 == loop.epochs):
-            last_eval = evaluated = evaluate(raw, val_loader, normalize, precision, info)
+            last_eval = evaluated = evaluate_classifier(raw, val_loader, normalize, precision, info)
         progress.epoch, progress.batch, progress.sums = epoch + 1, 0, [0.0, 0.0, 0.0]
         record = {
             "event": "epoch",
