@@ -88,12 +88,28 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--method", required=True, choices=list_learners())
     else:  # fixed; accepted (with that one value) so that a run's saved config.yaml reloads
         p.add_argument("--method", choices=(method,), default=method, help=argparse.SUPPRESS)
+    _add_data_options(p)
+    add_backbone_options(p, FEWSHOT_BACKBONES, default="resnet10")
+    _add_episode_options(p)
+    _add_training_options(p)
+    _add_maml_options(p)
+    _add_other_method_options(p)
+    _add_evaluation_options(p)
+    add_run_options(p, default_out="runs/<dataset>_<method>_<backbone>_<acdc>_<ways>w<shots>s")
+    return p
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    """--dataset, --data-root, --image-size, --workers."""
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="miniimagenet")
     data.add_argument("--data-root", default=None, help="miniImageNet folder (see data/miniimagenet/README.md)")
     data.add_argument("--image-size", type=int, default=None, help="default: 84 miniimagenet, 28 glyphs")
     data.add_argument("--workers", type=int, default=0, help="DataLoader workers producing episodes")
-    add_backbone_options(p, FEWSHOT_BACKBONES, default="resnet10")
+
+
+def _add_episode_options(p: argparse.ArgumentParser) -> None:
+    """--ways, --shots, --train-ways, --queries, --test-queries."""
     episodes = p.add_argument_group("episodes")
     episodes.add_argument("--ways", type=int, default=5)
     episodes.add_argument("--shots", type=int, default=1)
@@ -107,6 +123,10 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     )
     episodes.add_argument("--queries", type=int, default=None, help="query images per class in episodic training (16)")
     episodes.add_argument("--test-queries", type=int, default=15)
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """Episodic training and its budget (--train-episodes, --lr, --train-seconds, ...)."""
     train = p.add_argument_group("training")
     train.add_argument(
         "--train-episodes",
@@ -140,6 +160,10 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         "--val-every", type=int, default=None, help="episodic training: meta-steps between validations (500; 0: none)"
     )
     train.add_argument("--val-episodes", type=int, default=None, help="episodic training: validation episodes (100)")
+
+
+def _add_maml_options(p: argparse.ArgumentParser) -> None:
+    """The options of MAML only."""
     maml = p.add_argument_group("MAML")
     maml.add_argument("--inner-steps", type=int, default=None, help="inner SGD steps in training (5)")
     maml.add_argument("--inner-lr", type=float, default=None, help="inner step size in training (0.01)")
@@ -171,6 +195,10 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         help="run the tasks of a meta-batch and the test episodes of an --eval-batch "
         "through one torch.func.vmap (faster for narrow networks)",
     )
+
+
+def _add_other_method_options(p: argparse.ArgumentParser) -> None:
+    """The options of MatchingNet, RelationNet and the Baselines."""
     other = p.add_argument_group("MatchingNet, RelationNet, Baseline/Baseline++")
     other.add_argument(
         "--fce",
@@ -190,6 +218,10 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     other.add_argument(
         "--head-epochs", type=int, default=None, help="baseline(_pp): epochs of the new head on each support set (100)"
     )
+
+
+def _add_evaluation_options(p: argparse.ArgumentParser) -> None:
+    """The seeded test episodes and --eval-only."""
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--test-episodes", type=int, default=3000)
     ev.add_argument("--test-seed", type=int, default=0, help="seed of the test episodes (same for every run)")
@@ -208,8 +240,6 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     )
     ev.add_argument("--eval-only", action="store_true")
     ev.add_argument("--checkpoint", default=None, help="with --eval-only: the checkpoint to evaluate")
-    add_run_options(p, default_out="runs/<dataset>_<method>_<backbone>_<acdc>_<ways>w<shots>s")
-    return p
 
 
 # ------------------------------------------------------------------------------------------------

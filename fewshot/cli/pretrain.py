@@ -55,6 +55,16 @@ def parse_backbone_args(items: Sequence[str] | None) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="run_pretrain.py", description=__doc__.splitlines()[0])
+    _add_data_options(p)
+    _add_model_options(p)
+    _add_optimization_options(p)
+    _add_runtime_options(p)
+    _add_growth_options(p)
+    return p
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    """--dataset, --data-root, --image-size, --holdout, --augment, --workers."""
     d = p.add_argument_group("data")
     d.add_argument(
         "--dataset",
@@ -77,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=4 if (os.cpu_count() or 1) > 4 else 0,
         help="DataLoader worker processes per training process",
     )
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """The shared backbone/ACDC options, --backbone-arg and --decompose-stem."""
     m = add_backbone_options(p, None, default=None)
     m.add_argument(
         "--backbone-arg",
@@ -87,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="another option of the backbone, e.g. depth=16 or widen_factor=4 for wrn (repeatable)",
     )
     m.add_argument("--decompose-stem", action="store_true", help="also decompose the ImageNet 7x7 stem")
+
+
+def _add_optimization_options(p: argparse.ArgumentParser) -> None:
+    """Optimizer, learning-rate schedule and epochs."""
     o = p.add_argument_group("optimization (App. A: SGD 0.1, momentum 0.9)")
     o.add_argument("--epochs", type=int, default=350)
     o.add_argument("--batch-size", type=int, default=128, help="images per step and process")
@@ -103,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--gamma", type=float, default=0.1)
     o.add_argument("--step-size", type=int, default=30, help="step: epochs between lr x gamma")
     o.add_argument("--label-smoothing", type=float, default=0.0)
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """The shared run options, mixed precision, compilation, evaluation and checkpoint cadence."""
     r = add_run_options(p, default_out="runs/pretrain/<dataset>_<backbone>_<acdc>")
     r.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision")
     r.add_argument("--channels-last", action="store_true")
@@ -116,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="checkpoint and stop once this many steps are done, 0: never (continue with --resume)",
     )
+
+
+def _add_growth_options(p: argparse.ArgumentParser) -> None:
+    """--init-from, --expand-scope, --expand-atoms."""
     g = p.add_argument_group("capacity growth (App. E)")
     g.add_argument(
         "--init-from",
@@ -130,7 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="after --init-from: relax coefficient sharing to this scope",
     )
     g.add_argument("--expand-atoms", type=int, default=None, help="after --init-from: grow to this many atoms")
-    return p
 
 
 def check_args(args: argparse.Namespace) -> None:
