@@ -27,11 +27,12 @@ Results (cells already in the JSON are skipped, so the comparison can be spread 
     python benchmarks/compare_methods.py --quick --methods protonet --variants dense --shots 1  # smoke run
     python benchmarks/compare_methods.py --tune                           # the validation-split search
 
-The default budget, 150 s of training per run, is sized so that all 24 runs fit in 90 minutes on 2 cores,
-one run at a time on 1 thread. Costs measured with this script (Conv4 width 32, ACDC-net, MAML as
-configs/maml_glyphs_demo.yaml with 5 test steps) on the 2-core machine while it ran other jobs (load ~4):
+The default budget, 300 s of training per run with two runs at a time (``--jobs 2``, each on its own core
+at 1 thread), is sized so that all 24 runs fit in 90 minutes on 2 cores. Costs measured with this script
+(Conv4 width 32, ACDC-net, MAML as configs/maml_glyphs_demo.yaml with 5 test steps) on the 2-core machine
+while it ran other jobs (load ~4), in seconds of one core:
 
-    training: 24 runs x 150 s                                                   = 3600 s
+    training: 24 runs x 300 s                                                   = 7200 s
     start-up: python + torch, glyphs, model: 24 x ~7 s                          =  170 s
     after the budget, per variant (x 2), 600 test episodes (+ the episodic runs' final 100-episode
     validation), 1-shot + 5-shot:
@@ -40,10 +41,14 @@ configs/maml_glyphs_demo.yaml with 5 test steps) on the 2-core machine while it 
       Baseline (100 head epochs) 0.045 s + 0.15 s per episode x 600             =  115 s
       Baseline++                 0.06 s + 0.21 s per episode x 600              =  160 s
                                                           2 variants x 655 s    = 1310 s
-    total                                                  5080 s              = about 85 min (<= 90)
+    MAML's 10 test-time inner steps (the main config) instead of 5              =  480 s
+    total                                                  9160 s on 2 cores   = about 77 min (<= 90)
 
-MAML's testing grows with its test-time inner steps: a config with 10 instead of 5 adds about 8 minutes; then
-``--train-seconds 130`` keeps the whole under 90 minutes.
+Why 300 s and two at a time: one run at a time left one of the two cores idle. A first search at 150 s
+per run, one at a time (``benchmarks/results/compare_methods_tuning_150s.json``), showed every episodic
+method still improving when the budget stopped it (ProtoNet 88.4% on validation after ~3,000 episodes),
+and that the budget, not the settings, bounded them; runs that overlapped another job on the machine got
+25-35% fewer steps and scored up to 5 points lower, so nothing else should run beside the benchmark.
 
 ``--tune`` is the search the settings table comes from: for every method but MAML (searched by
 ``benchmarks/tune_glyphs.py``) it runs the candidates of ``TUNE_CANDIDATES`` at the same budget on one cell
@@ -61,8 +66,10 @@ import math
 import shutil
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +171,7 @@ SHARED = (
     "ways",
     "device",
     "threads",
+    "jobs",
 )
 
 
@@ -184,7 +192,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--train-seconds",
         type=float,
         default=None,
-        help="wall-clock seconds of training per run, validation included (default 150; --quick 2)",
+        help="wall-clock seconds of training per run, validation included (default 300; --quick 2)",
     )
     p.add_argument("--test-episodes", type=int, default=None, help="seeded test episodes (default 600; --quick 10)")
     p.add_argument("--test-seed", type=int, default=0, help="seed of the test episodes, the same for every cell")
@@ -197,6 +205,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--maml-config", default=str(MAML_CONFIG), help="MAML's tuned settings (YAML)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each run (default 1)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2: one per core of a 2-core machine)")
     p.add_argument("--runs", default=None, help="scratch folder of the runs (default runs/compare_methods[_quick])")
     p.add_argument(
         "--out",
@@ -217,7 +226,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tune-out", default=None, help="default benchmarks/results/compare_methods_tuning.json (--quick: in --runs)"
     )
     args = p.parse_args(argv)
-    defaults = {"train_seconds": 150.0, "test_episodes": 600, "width": 32, "tune_episodes": 600}
+    defaults = {"train_seconds": 300.0, "test_episodes": 600, "width": 32, "tune_episodes": 600}
     for name, value in (QUICK if args.quick else defaults).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -233,7 +242,7 @@ def check(args: argparse.Namespace) -> None:
     """Values argparse cannot check; one ``ValueError`` line each."""
     if not (math.isfinite(args.train_seconds) and args.train_seconds > 0):
         raise ValueError(f"--train-seconds must be a positive number of seconds, got {args.train_seconds}")
-    for name in ("test_episodes", "width", "threads", "tune_episodes", "tune_shots"):
+    for name in ("test_episodes", "width", "threads", "jobs", "tune_episodes", "tune_shots"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if any(k < 1 for k in args.shots):
@@ -418,20 +427,30 @@ def run_cells(
             f"{path} holds {', '.join(stale)} measured with other settings; delete them from it or use another --out"
         )
     todo = [key for key in cells if key not in records]
-    print(f"{len(cells) - len(todo)} of {len(cells)} cells already in {path}; {len(todo)} to run", flush=True)
-    for number, key in enumerate(todo, start=1):
+    print(
+        f"{len(cells) - len(todo)} of {len(cells)} cells already in {path}; {len(todo)} to run, {args.jobs} at a time",
+        flush=True,
+    )
+    lock = threading.Lock()
+
+    def one(key: str) -> None:
         method, variant, shots, settings = cells[key]
-        print(f"[{number}/{len(todo)}] {key} ...", flush=True)
-        records[key] = measure(args, method, variant, shots, settings, Path(args.runs) / key.replace("/", "_"))
-        if on_record is not None:
-            on_record(key, records[key])
-        write_json(path, payload)
-        r = records[key]
-        print(
-            f"    {r['accuracy_mean']:.2f} ± {r['accuracy_ci95']:.2f} % after {r['steps']} {r['steps_unit']} "
-            f"in {r['train_seconds']} s ({r['wall_seconds']:.0f} s in all)",
-            flush=True,
-        )
+        print(f"  started {key}", flush=True)
+        record = measure(args, method, variant, shots, settings, Path(args.runs) / key.replace("/", "_"))
+        with lock:  # one writer of the JSON at a time; each finished cell is kept at once
+            records[key] = record
+            if on_record is not None:
+                on_record(key, record)
+            write_json(path, payload)
+            print(
+                f"  {key}: {record['accuracy_mean']:.2f} ± {record['accuracy_ci95']:.2f} % after {record['steps']} "
+                f"{record['steps_unit']} in {record['train_seconds']} s ({record['wall_seconds']:.0f} s in all)",
+                flush=True,
+            )
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for _ in pool.map(one, todo):  # re-raises a failed run's error
+            pass
 
 
 # ------------------------------------------------------------------------------------------------ comparison
@@ -479,7 +498,8 @@ def budget_line(payload: Mapping[str, Any]) -> str:
     s = payload["settings"]
     return (
         f"**Budget: {s['train_seconds']:g} s of training per run** (wall clock, validation included; "
-        f"{s['threads']} thread(s), device {s['device']}), then {s['test_episodes']} seeded "
+        f"{s.get('jobs', 1)} run(s) at a time, each on {s['threads']} thread(s), device {s['device']}), "
+        f"then {s['test_episodes']} seeded "
         f"{s['ways']}-way test episodes (--test-seed {s['test_seed']}, the same for every cell, 15 queries "
         f"per class). Backbone {s['backbone']} width {s['width']}, ACDC-net with m={s['atoms']} atoms."
     )

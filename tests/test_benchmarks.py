@@ -372,6 +372,7 @@ def _fake_payload() -> dict:
         "ways": 5,
         "device": "cpu",
         "threads": 1,
+        "jobs": 2,
     }
     return {"settings": settings, "records": records, "commands": ["python benchmarks/compare_methods.py"]}
 
@@ -382,6 +383,7 @@ def test_compare_methods_report_of_a_fake_result_set(tmp_path: Path) -> None:
     compare_methods.write_report(_fake_payload(), path)
     text = path.with_suffix(".md").read_text()
     assert "**Budget: 150 s of training per run**" in text and "600 seeded 5-way test episodes" in text
+    assert "2 run(s) at a time, each on 1 thread(s)" in text
     tables = [line for line in text.splitlines() if line.startswith("|")]
     assert tables[0] == "| method | 1-shot dense | 1-shot ACDC-net | 5-shot dense | 5-shot ACDC-net |"
     assert tables[2] == "| protonet | 41.00 ± 0.25 | 42.00 ± 1.25 | 45.00 ± 0.25 | 46.00 ± 1.25 |"
@@ -495,8 +497,9 @@ def test_compare_methods_cell_settings_share_the_test_and_take_maml_from_its_con
         "test_split": "test",
         "test_seed": 0,
         "test_episodes": 600,
-        "train_seconds": 150.0,
+        "train_seconds": 300.0,
     }
+    assert args.jobs == 2 and args.threads == 1
     for key, (_method, variant, shots, settings) in cells.items():
         assert {k: settings[k] for k in shared} == shared, key
         assert settings["shots"] == shots and settings["acdc"] == compare_methods.VARIANTS[variant]
@@ -532,6 +535,26 @@ def test_compare_methods_tune_records_candidates_and_the_winners(tmp_path: Path,
     assert chosen["candidate"] == "adam3e-3" and chosen["settings"]["lr"] == 3e-3
     compare_methods.main(argv)  # every candidate measured: none runs again
     assert len(seen) == len(compare_methods.TUNE_CANDIDATES["protonet"])
+
+
+def test_compare_methods_jobs_run_cells_side_by_side_and_keep_every_record(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    compare_methods = load("compare_methods")
+    both_running = threading.Barrier(2, timeout=20)  # broken (an error) unless two runs overlap
+
+    def fake_run(settings, run_dir, threads):
+        both_running.wait()
+        return _fake_result(60.0 + settings["shots"])
+
+    monkeypatch.setattr(compare_methods, "run_cell", fake_run)
+    out = tmp_path / "compare.json"
+    argv = ["--quick", "--methods", "protonet", "--variants", "dense", "--shots", "1", "5", "--jobs", "2"]
+    compare_methods.main([*argv, "--runs", str(tmp_path), "--out", str(out)])
+    records = json.loads(out.read_text())["records"]
+    assert sorted(records) == ["protonet/dense/1shot", "protonet/dense/5shot"]
+    assert [records[k]["accuracy_mean"] for k in sorted(records)] == [61.0, 65.0]
+    assert json.loads(out.read_text())["settings"]["jobs"] == 2
 
 
 def test_compare_methods_quick_smoke_one_cell_end_to_end(tmp_path: Path) -> None:
