@@ -35,8 +35,10 @@ import json
 import shutil
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +220,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--stem", choices=("small", "imagenet"), default="small", help="glyphs: ResNet stem")
     p.add_argument("--config", default=str(GLYPHS_CONFIG), help="glyphs: the tuned settings the cells start from")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="cells at a time (default 2: one per core of a 2-core machine, each on --threads 1); "
+        "results do not depend on it (the budget is in episodes), wall_seconds do",
+    )
     p.add_argument("--runs", default="runs/depth_sweep", help="scratch folder of the runs' checkpoints")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/depth_sweep.json)")
     p.add_argument("--report", action="store_true", help="only write the table and plot of what exists")
@@ -229,7 +238,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--data-root applies to --dataset miniimagenet only")
     if args.dataset == "glyphs" and args.train_episodes is None:
         args.train_episodes = 2000
-    for name in ("train_episodes", "test_episodes", "resnet_width", "threads"):
+    for name in ("train_episodes", "test_episodes", "resnet_width", "threads", "jobs"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -262,43 +271,50 @@ def main(argv: Sequence[str] | None = None) -> Path:
         cells = [(b, a, k, s) for k in args.shots for s in args.seeds for b in args.backbones for a in args.acdc]
         todo = [c for c in cells if cell_key(*c) not in records]
         print(f"{len(cells) - len(todo)} of {len(cells)} cells already measured; running {len(todo)}", flush=True)
-        for backbone, acdc, shots, seed in todo:
-            settings = cell_settings(args, backbone, acdc, shots, seed)
-            run_dir = Path(args.runs) / args.dataset / cell_key(backbone, acdc, shots, seed).replace("/", "_")
+        lock = threading.Lock()
+
+        def one(cell: tuple[str, str, int, int]) -> None:
+            key = cell_key(*cell)
+            settings = cell_settings(args, *cell)
+            run_dir = Path(args.runs) / args.dataset / key.replace("/", "_")
             if run_dir.exists():  # a cell killed earlier: start it again
                 shutil.rmtree(run_dir)
             started = time.perf_counter()
             result = run_fewshot_cli("run_maml.py", settings, run_dir, args.threads)
-            result.pop("episode_accuracies", None)
-            records[cell_key(backbone, acdc, shots, seed)] = {
-                **{
-                    k: result.get(k)
-                    for k in (
-                        "backbone",
-                        "acdc",
-                        "shots",
-                        "seed",
-                        "accuracy_mean",
-                        "accuracy_ci95",
-                        "episodes",
-                        "parameters",
-                        "meta_steps",
-                        "best_step",
-                        "best_val_acc",
-                        "train_seconds",
-                        "seconds",
-                    )
-                },
+            kept = (
+                "backbone",
+                "acdc",
+                "shots",
+                "seed",
+                "accuracy_mean",
+                "accuracy_ci95",
+                "episodes",
+                "parameters",
+                "meta_steps",
+                "best_step",
+                "best_val_acc",
+                "train_seconds",
+                "seconds",
+            )
+            record = {
+                **{k: result.get(k) for k in kept},
                 "settings": settings,
                 "wall_seconds": round(time.perf_counter() - started, 1),
                 "threads": args.threads,
+                "jobs": args.jobs,
             }
-            print(
-                f"  {cell_key(backbone, acdc, shots, seed)}: {result['accuracy_mean']:.2f}% ± "
-                f"{result['accuracy_ci95']:.2f} ({time.perf_counter() - started:.0f} s)",
-                flush=True,
-            )
-            write_json(out, payload)
+            with lock:  # one writer of the JSON at a time; each finished cell is kept at once
+                records[key] = record
+                write_json(out, payload)
+                print(
+                    f"  {key}: {record['accuracy_mean']:.2f}% ± {record['accuracy_ci95']:.2f} "
+                    f"({record['wall_seconds']:.0f} s)",
+                    flush=True,
+                )
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for _ in pool.map(one, todo):  # re-raises a failed run's error
+                pass
     if not records:
         raise SystemExit(f"error: {out} has no measured cell yet; run some cells first")
     write_json(out, payload)

@@ -719,6 +719,42 @@ def test_depth_sweep_runs_cells_end_to_end_and_skips_measured_ones(tmp_path) -> 
     assert json.loads(out.read_text())["records"] == json.loads(before)["records"]
 
 
+def test_depth_sweep_jobs_run_cells_side_by_side(tmp_path, monkeypatch) -> None:
+    import threading
+
+    depth_sweep = load("depth_sweep")
+    both_running = threading.Barrier(2, timeout=20)  # broken (an error) unless two cells overlap
+
+    def fake_run(script, settings, run_dir, threads):
+        both_running.wait()
+        cell = {k: settings[k] for k in ("backbone", "acdc", "shots", "seed")}
+        return {**cell, "accuracy_mean": 70.0 + len(settings["acdc"]), "accuracy_ci95": 1.0, "episodes": 600}
+
+    monkeypatch.setattr(depth_sweep, "run_fewshot_cli", fake_run)
+    out = tmp_path / "sweep.json"
+    depth_sweep.main(
+        [
+            "--backbones",
+            "conv4",
+            "--shots",
+            "1",
+            "--seeds",
+            "0",
+            "--jobs",
+            "2",
+            "--out",
+            str(out),
+            "--runs",
+            str(tmp_path / "runs"),
+        ]
+    )
+    records = json.loads(out.read_text())["records"]
+    assert {k: (r["accuracy_mean"], r["jobs"], r["threads"]) for k, r in records.items()} == {
+        "conv4/net/1shot/seed0": (73.0, 2, 1),
+        "conv4/none/1shot/seed0": (74.0, 2, 1),
+    }
+
+
 def test_depth_sweep_summary_is_mean_and_std_across_seeds() -> None:
     depth_sweep = load("depth_sweep")
     records = {
