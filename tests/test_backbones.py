@@ -479,3 +479,13 @@ def test_fewshot_resnet_width_scales_every_stage():
     assert sum(p.numel() for p in model.parameters()) == expected == 309_456
     with pytest.raises(ValueError, match="width must be an integer >= 1, got 0"):
         create_backbone("resnet18", width=0)
+
+
+def test_the_few_shot_backbones_come_from_the_registry():
+    from fewshot.cli.fewshot import FEWSHOT_BACKBONES
+
+    assert list(FEWSHOT_BACKBONES) == list_backbones(fewshot=True) == ["conv4", "resnet10", "resnet18", "resnet34"]
+    assert set(list_backbones(fewshot=True)) < set(list_backbones())
+    for name in FEWSHOT_BACKBONES:  # what the few-shot command line relies on
+        assert "width" in backbone_options(name)
+        assert hasattr(create_backbone(name, width=4), "forward_map")

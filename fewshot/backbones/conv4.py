@@ -61,7 +61,7 @@ class Conv4(Backbone):
         return self.width, side, side
 
 
-@register_backbone("conv4")
+@register_backbone("conv4", fewshot=True)
 def conv4(num_classes: int = 0, *, image_size: int = 84, width: int = 64, in_channels: int = 3) -> Conv4:
     """Conv4 (Chen et al.): 113,088 parameters at width 64; 1600 features at 84 px, 64 at 28 px."""
     return Conv4(num_classes, image_size=image_size, width=width, in_channels=in_channels)

@@ -15,19 +15,24 @@ Builder = Callable[..., nn.Module]
 B = TypeVar("B", bound=Builder)
 
 _BACKBONES: dict[str, Builder] = {}
+_FEWSHOT: set[str] = set()
 
 
-def register_backbone(name: str | B) -> Callable[[B], B] | B:
+def register_backbone(name: str | B, *, fewshot: bool = False) -> Callable[[B], B] | B:
     """Register a builder ``fn(num_classes=0, *, **options) -> Backbone`` under ``name``.
 
     Use as ``@register_backbone("my_net")`` or bare ``@register_backbone`` (registers the function's name).
-    The builder's keyword-only parameters are the options ``create_backbone`` accepts for it.
+    The builder's keyword-only parameters are the options ``create_backbone`` accepts for it. ``fewshot=True``
+    marks a backbone of the few-shot command lines: it takes ``width``, and its ``forward_map`` serves
+    RelationNet (``list_backbones(fewshot=True)``).
     """
 
     def add(fn: B, key: str) -> B:
         if key in _BACKBONES:
             raise ValueError(f"backbone {key!r} is registered twice")
         _BACKBONES[key] = fn
+        if fewshot:
+            _FEWSHOT.add(key)
         return fn
 
     if callable(name):
@@ -35,9 +40,9 @@ def register_backbone(name: str | B) -> Callable[[B], B] | B:
     return lambda fn: add(fn, name)
 
 
-def list_backbones() -> list[str]:
-    """Names of the registered backbones, sorted."""
-    return sorted(_BACKBONES)
+def list_backbones(fewshot: bool = False) -> list[str]:
+    """Names of the registered backbones, sorted; ``fewshot=True``: only those of the few-shot command lines."""
+    return sorted(_FEWSHOT if fewshot else _BACKBONES)
 
 
 def backbone_options(name: str) -> list[str]:

@@ -141,7 +141,7 @@ def _stage_widths(width: int) -> tuple[int, int, int, int]:
     return (width, 2 * width, 4 * width, 8 * width)
 
 
-@register_backbone("resnet10")
+@register_backbone("resnet10", fewshot=True)
 def resnet10(num_classes: int = 0, *, stem: str = "imagenet", in_channels: int = 3, width: int = 64) -> ResNet:
     """Few-shot ResNet10 (Chen et al.): basic blocks [1,1,1,1]; 4,905,792 parameters; 512 features.
     ``width`` scales the stages to width-2·width-4·width-8·width (64 = Chen et al.)."""
@@ -150,7 +150,7 @@ def resnet10(num_classes: int = 0, *, stem: str = "imagenet", in_channels: int =
     )
 
 
-@register_backbone("resnet18")
+@register_backbone("resnet18", fewshot=True)
 def resnet18(num_classes: int = 0, *, stem: str = "imagenet", in_channels: int = 3, width: int = 64) -> ResNet:
     """Few-shot ResNet18 (Chen et al.): basic blocks [2,2,2,2]; 11,176,512 parameters; 512 features.
     ``width`` scales the stages to width-2·width-4·width-8·width (64 = Chen et al.)."""
@@ -159,7 +159,7 @@ def resnet18(num_classes: int = 0, *, stem: str = "imagenet", in_channels: int =
     )
 
 
-@register_backbone("resnet34")
+@register_backbone("resnet34", fewshot=True)
 def resnet34(num_classes: int = 0, *, stem: str = "imagenet", in_channels: int = 3, width: int = 64) -> ResNet:
     """Few-shot ResNet34 (Chen et al.): basic blocks [3,4,6,3]; 21,284,672 parameters; 512 features.
     ``width`` scales the stages to width-2·width-4·width-8·width (64 = Chen et al.)."""

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 
 from fewshot.acdc.rules import check_acdc_options
+from fewshot.backbones import list_backbones
 from fewshot.cli.common import OneLineParser, add_backbone_options, add_run_options, check_out_folder
 from fewshot.config import cli_main, parse_args_with_config, save_config
+from fewshot.data import list_datasets
 from fewshot.evaluation import evaluate, result_record
 from fewshot.io import write_json
 from fewshot.learners.maml import ATOM_DROP_MODES
@@ -26,8 +28,9 @@ from fewshot.training.distributed import resolve_device
 from fewshot.training.episodic import LR_SCHEDULES
 from fewshot.training.run_folder import BEST, CONFIG, LAST, RESULT
 
-FEWSHOT_BACKBONES = ("conv4", "resnet10", "resnet18", "resnet34")
-DATASETS = ("miniimagenet", "glyphs")
+# Choices from the registries: the backbones registered with fewshot=True, the datasets of create_dataset.
+FEWSHOT_BACKBONES = tuple(list_backbones(fewshot=True))
+DATASETS = tuple(list_datasets())
 # Options that only some methods take: a user giving one to another method gets an error.
 # Each maps the CLI option to the learner's keyword (None: a training option, not the learner's).
 METHOD_OPTIONS: dict[str, dict[str, str | None]] = {
