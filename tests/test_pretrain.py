@@ -157,6 +157,17 @@ def test_image_folder_reads_and_augments(tmp_path):
     assert tuple(train[(0, 4)][0].shape) == (3, 16, 16) and tuple(val[1][0].shape) == (3, 16, 16)
 
 
+def test_image_folder_and_miniimagenet_share_one_decoder(tmp_path):
+    """ImageFolder images go through fewshot.data.imageio.read_rgb, so a damaged file gets its error."""
+    write_image_folder(tmp_path)
+    broken = tmp_path / "train" / "cat" / "0.png"
+    broken.write_bytes(b"not an image")
+    data = load_classification_data("imagefolder", tmp_path, image_size=16)
+    index = next(i for i, (path, _) in enumerate(data.train.samples) if path == str(broken))
+    with pytest.raises(ValueError, match=f"cannot read image '{broken}'"):
+        data.train[index]
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(
         FileNotFoundError, match=r"image folder '.*nothing' does not exist \(expected .*/train/<class>/<image>"

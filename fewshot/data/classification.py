@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
+from fewshot.data.imageio import IMAGE_EXTENSIONS, read_rgb
 from fewshot.data.safe_pickle import ForbiddenGlobalError, load_data_pickle
 from fewshot.data.transforms import GLYPHS_MEAN, GLYPHS_STD, IMAGENET_MEAN, IMAGENET_STD
 
@@ -57,7 +58,6 @@ CIFAR_STATS = {
 IMAGENET_STATS = (IMAGENET_MEAN, IMAGENET_STD)
 GLYPHS_STATS = (GLYPHS_MEAN, GLYPHS_STD)
 CLASSIFICATION_DATASETS = ("cifar10", "cifar100", "imagefolder", "imagenet", "tinyimagenet")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -298,16 +298,8 @@ def read_cifar(root: str | Path, name: str = "cifar10", train: bool = True) -> T
 
 
 def decode_rgb(path: str) -> Tensor:
-    """Decode an image file (any format Pillow reads) to a uint8 RGB (3, H, W) tensor."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
-    except Exception as exc:
-        raise ValueError(f"cannot decode image {path!r}: {exc}") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    """An image file (``fewshot.data.imageio.read_rgb``) as a uint8 RGB (3, H, W) tensor."""
+    return torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1).contiguous()
 
 
 class FileListDataset(Dataset):

@@ -1,4 +1,5 @@
-"""Decoding image files into uint8 (3, S, S) arrays, in parallel for large datasets."""
+"""The one image decoder: image files to uint8 RGB arrays (at their size, or squashed to S×S and decoded in
+parallel for large datasets), and the file extensions read as images."""
 
 from __future__ import annotations
 
@@ -12,6 +13,25 @@ from PIL import Image
 
 PARALLEL_MIN = 512  # fewer files than this are decoded in-process
 CHUNK = 256
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def read_rgb(path: str | os.PathLike[str], draft_size: int | None = None) -> np.ndarray:
+    """The image file at ``path`` (any format Pillow reads) as RGB uint8 (H, W, 3). With ``draft_size`` a JPEG
+    is decoded at the smallest DCT scale that still gives at least that size (faster when it is shrunk after).
+
+    Raises FileNotFoundError or ValueError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {str(path)!r}")
+    try:
+        with Image.open(path) as im:
+            if draft_size is not None:
+                im.draft("RGB", (draft_size, draft_size))
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
 
 
 def resize_array(image: np.ndarray, size: int) -> np.ndarray:
@@ -26,16 +46,7 @@ def decode_image(path: str | os.PathLike[str], size: int) -> np.ndarray:
 
     Raises FileNotFoundError or ValueError naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {str(path)!r}")
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at the smallest DCT scale that is >= size
-            array = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
-    return np.ascontiguousarray(resize_array(array, size).transpose(2, 0, 1))
+    return np.ascontiguousarray(resize_array(read_rgb(path, draft_size=size), size).transpose(2, 0, 1))
 
 
 def _decode_chunk(paths: Sequence[str], size: int) -> np.ndarray:

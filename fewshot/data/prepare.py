@@ -22,18 +22,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fewshot.data.imageio import decode_image
+from fewshot.data.imageio import IMAGE_EXTENSIONS, decode_image
 from fewshot.data.miniimagenet import read_split_csv
 from fewshot.data.store import SPLITS
-
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 
 def class_files(folder: Path) -> list[Path]:
     """The image files of one ImageNet class folder, ordered by their ImageNet number (``<wnid>_<n>``)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"ImageNet class folder not found: {str(folder)!r}")
-    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
 
     def key(p: Path) -> tuple[int, str]:
         m = re.search(r"_(\d+)$", p.stem)
