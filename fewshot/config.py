@@ -200,7 +200,8 @@ def save_config(namespace: argparse.Namespace | dict[str, Any], path: str | os.P
 
 
 def cli_main(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a script's ``main``: ValueError/FileNotFoundError/... become ``error: ...`` + exit 2.
+    """Decorate a script's ``main``: ValueError/FileNotFoundError/... become ``error: ...`` + exit 2;
+    training that diverged (FloatingPointError: a non-finite loss) becomes ``error: ...`` + exit 1.
 
     Tracebacks are for bugs; a wrong flag, file or value is reported in one line naming it.
     """
@@ -213,6 +214,9 @@ def cli_main(fn: Callable[..., Any]) -> Callable[..., Any]:
             message = str(exc) if not isinstance(exc, OSError) or exc.filename is None else _os_message(exc)
             print(f"error: {message}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        except FloatingPointError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
 
     return wrapper
 

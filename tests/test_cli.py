@@ -145,6 +145,10 @@ def fails(capsys, argv: list[str], out: Path, method: str | None = None, one_lin
         (["--acdc", "g-net"], "maml", ["--acdc g-net needs --group-size"]),
         (["--group-size", "4"], "maml", ["--group-size 4 applies only to the grouped scopes", "--acdc none"]),
         (["--eval-only"], "maml", ["--eval-only needs --checkpoint"]),
+        (["--inner-lr", "nan"], "maml", ["--inner-lr must be a finite number > 0, got nan"]),
+        (["--inner-lr", "-0.5"], "maml", ["--inner-lr must be a finite number > 0, got -0.5"]),
+        (["--test-inner-lr", "inf"], "maml", ["--test-inner-lr must be a finite number > 0, got inf"]),
+        (["--method", "protonet", "--lr", "nan"], None, ["--lr must be a finite number > 0, got nan"]),
         (
             ["--train-ways", "20"],
             "maml",
@@ -492,3 +496,34 @@ def test_resume_gives_the_same_parameters(tmp_path):
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
     assert any(not torch.equal(half[name], whole[name]) for name in whole)  # the second half did train
+
+
+def test_eval_only_into_the_run_folder_keeps_the_training_result(maml_run):
+    out, record = maml_run
+    kept = {name: (out / name).read_bytes() for name in ("result.json", "config.yaml")}
+    again = main(
+        [*MAML_TINY, "--eval-only", "--checkpoint", str(out / "best.pt"), "--test-episodes", "5", "--out", str(out)],
+        method="maml",
+    )
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    assert json.loads((out / "eval_result.json").read_text())["episodes"] == again["episodes"] == 5
+    assert (out / "eval_config.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--acdc", "none"], "(differs in: acdc, atoms)"),
+        (["--train-episodes", "8"], "is at meta-step 40, beyond the 2 meta-steps of --train-episodes 8"),
+        (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    ],
+)
+def test_a_rejected_resume_changes_nothing(capsys, maml_run, flags, expected):
+    out, _ = maml_run
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as exc:
+        main([*MAML_TINY, "--resume", "--out", str(out), *flags], method="maml")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -100,3 +100,22 @@ def test_schedule_errors() -> None:
             spec=SPEC,
             progress=False,
         )
+
+
+def test_a_non_finite_loss_stops_training_before_the_step_and_keeps_the_last_checkpoint(tmp_path) -> None:
+    learner = fresh_learner()
+    original = learner.backward_batch
+    calls = {"n": 0}
+
+    def diverging(batch):
+        calls["n"] += 1
+        loss, logits = original(batch)
+        return (loss * float("nan") if calls["n"] == 3 else loss), logits
+
+    learner.backward_batch = diverging  # meta-steps 1-2 are fine (validated and saved at 2), step 3 is NaN
+    with pytest.raises(FloatingPointError, match=r"the training loss became nan at meta-step 3; stopped without"):
+        run(tmp_path, 6, learner=learner)
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["progress"]["step"] == 2
+    for name, value in learner.state_dict().items():  # the parameters were not stepped with the NaN loss
+        assert torch.isfinite(value.float()).all(), name

@@ -668,12 +668,15 @@ def test_cli_backbone_options_one_way_each(cifar_root, tmp_path, capsys, flags, 
         ),
         (["--atom-drop", "1"], "error: --atom-drop must be a number in [0, 1), got 1.0"),
         (["--atoms", "0"], "error: --atoms must be an integer >= 1, got 0"),
+        (["--lr", "nan"], "error: --lr must be a finite number > 0, got nan"),
+        (["--momentum", "-0.9"], "error: --momentum must be a finite number >= 0, got -0.9"),
+        (["--label-smoothing", "1"], "error: --label-smoothing must be a finite number >= 0 and < 1, got 1.0"),
         (["--acdc", "none", "--decompose-stem"], "error: --decompose-stem needs an ACDC scope; got --acdc none"),
     ],
 )
-def test_cli_acdc_rules_are_the_few_shot_cli_rules(cifar_root, tmp_path, capsys, flags, expected):
-    """The rules of fewshot.acdc.rules, naming the flags as the few-shot command line does (a repeated flag:
-    the last one counts)."""
+def test_cli_bad_acdc_and_optimizer_values(cifar_root, tmp_path, capsys, flags, expected):
+    """The rules of fewshot.acdc.rules and the step-size checks, naming the flags as the few-shot command line
+    does (a repeated flag: the last one counts)."""
     args = base_args(cifar_root, tmp_path / "run", *flags)
     assert error_of(args, capsys) == expected
     assert not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@ every command (backbone and ACDC, run folder and device)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,3 +71,21 @@ def check_out_folder(out: Path, resume: bool, resume_point: Path, *others: Path)
         raise FileNotFoundError(f"--resume: {resume_point} does not exist; start without --resume")
     if not resume and any(p.exists() for p in (resume_point, *others)):
         raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def check_number(
+    args: argparse.Namespace, name: str, minimum: float = 0.0, strict: bool = True, below: float | None = None
+) -> None:
+    """``args.<name>`` (None: not given) must be a finite number > ``minimum`` (``strict``) or >= it, and below
+    ``below`` if given; else one ValueError naming the flag. Step sizes, rates and factors: nan, inf and
+    negative values would otherwise run to a meaningless result (or write NaN into result.json)."""
+    value = getattr(args, name)
+    if value is None:
+        return
+    flag = f"--{name.replace('_', '-')}"
+    ok = math.isfinite(value) and (value > minimum if strict else value >= minimum)
+    if ok and below is not None:
+        ok = value < below
+    if not ok:
+        bound = f"{'>' if strict else '>='} {minimum:g}" + ("" if below is None else f" and < {below:g}")
+        raise ValueError(f"{flag} must be a finite number {bound}, got {value}")

@@ -17,7 +17,7 @@ import torch
 
 from fewshot.acdc.rules import check_acdc_options
 from fewshot.backbones import list_backbones
-from fewshot.cli.common import OneLineParser, add_backbone_options, add_run_options, check_out_folder
+from fewshot.cli.common import OneLineParser, add_backbone_options, add_run_options, check_number, check_out_folder
 from fewshot.config import cli_main, parse_args_with_config, save_config
 from fewshot.data import list_datasets
 from fewshot.evaluation import evaluate, result_record
@@ -26,7 +26,7 @@ from fewshot.learners.maml import ATOM_DROP_MODES
 from fewshot.training.budget import check_train_seconds
 from fewshot.training.distributed import resolve_device
 from fewshot.training.episodic import LR_SCHEDULES
-from fewshot.training.run_folder import BEST, CONFIG, LAST, RESULT
+from fewshot.training.run_folder import BEST, CONFIG, EVAL_CONFIG, EVAL_RESULT, LAST, RESULT
 
 # Choices from the registries: the backbones registered with fewshot=True, the datasets of create_dataset.
 FEWSHOT_BACKBONES = tuple(list_backbones(fewshot=True))
@@ -279,6 +279,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     _check_positive(args, ("inner_steps", "test_inner_steps", "val_every", "workers"), minimum=0)
     check_train_seconds(args.train_seconds)
     check_acdc_options(args.acdc, args.atoms, args.group_size, args.atom_drop, scope_name="acdc", style="cli")
+    for name in ("lr", "inner_lr", "test_inner_lr"):  # step sizes
+        check_number(args, name)
     own = METHOD_OPTIONS.get(args.method, {})
     for options in METHOD_OPTIONS.values():
         for name in options:
@@ -479,6 +481,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load_model_state(learner, state["model"], source=args.checkpoint)
     else:
         check_out_folder(out, args.resume, resume_point, out / BEST)
+        if args.resume:  # the run to continue must be this one: checked before anything is rewritten
+            saved = load_checkpoint(resume_point, map_location="cpu")
+            check_model_spec(saved.get("meta"), spec, resume_point)
+            done = saved.get("progress", {}).get("step", 0)
+            planned = max(1, args.train_episodes // args.meta_batch) if episodic else done
+            if done > planned:
+                raise ValueError(
+                    f"--resume: {resume_point} is at meta-step {done}, beyond the {planned} meta-steps of "
+                    f"--train-episodes {args.train_episodes} (meta-batch {args.meta_batch}); give at least "
+                    f"--train-episodes {done * args.meta_batch}"
+                )
     if not args.eval_only and episodic:
         train_episodes = episode_source(args, "train", args.train_episodes, args.seed, train=True)
         val_episodes = episode_source(args, "val", args.val_episodes, args.test_seed + 1, train=False)
@@ -494,7 +507,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     out.mkdir(parents=True, exist_ok=True)
-    save_config(args, out / ("eval_config.yaml" if args.eval_only else CONFIG))
+    save_config(args, out / (EVAL_CONFIG if args.eval_only else CONFIG))
     summary: dict[str, Any] = {}
     if not args.eval_only and episodic:
         summary = train_episodic(
@@ -544,11 +557,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         checkpoint=args.checkpoint,
         **summary,
     )
-    write_json(out / RESULT, record)
+    result_path = out / (EVAL_RESULT if args.eval_only else RESULT)
+    write_json(result_path, record)
     print(
         f"{args.method} {args.backbone} acdc={args.acdc} {args.dataset} {args.ways}-way {args.shots}-shot: "
         f"{result.mean:.2f}% ± {result.ci95:.2f}% over {result.episodes} test episodes "
-        f"({record['seconds']:.0f} s; {out / RESULT})"
+        f"({record['seconds']:.0f} s; {result_path})"
     )
     return record
 

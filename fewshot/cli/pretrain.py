@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from fewshot.acdc.rules import GROUPED_SCOPES, SCOPES, check_acdc_options
-from fewshot.cli.common import OneLineParser, add_backbone_options, add_run_options, check_out_folder
+from fewshot.cli.common import OneLineParser, add_backbone_options, add_run_options, check_number, check_out_folder
 from fewshot.config import cli_main, parse_args_with_config, save_config, to_yaml_value
 from fewshot.io import write_json
 from fewshot.training.checkpoint import ModelSpec, check_model_spec, load_checkpoint, load_model_state
@@ -160,6 +160,11 @@ def _add_growth_options(p: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse combinations that would be ignored or cannot work, naming the flags."""
+    check_number(args, "lr")
+    check_number(args, "gamma")
+    for name in ("momentum", "weight_decay"):
+        check_number(args, name, strict=False)
+    check_number(args, "label_smoothing", strict=False, below=1.0)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

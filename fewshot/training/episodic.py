@@ -169,6 +169,12 @@ def train_episodic(
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss, logits = learner.backward_batch(batch)
+        if not torch.isfinite(loss):  # before the step: the parameters (and last.pt, best.pt) stay good
+            raise FloatingPointError(
+                f"the training loss became {loss.item()} at meta-step {step}; stopped without updating the "
+                f"parameters: {out / LAST} holds the last validated ones. Lower --lr (now {schedule.lr:g}) or "
+                "the inner step size, then continue with --resume or start again"
+            )
         optimizer.step()
         seconds = seconds_before + time.perf_counter() - started
         out_of_time = schedule.train_seconds is not None and seconds >= schedule.train_seconds

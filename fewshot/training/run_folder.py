@@ -5,6 +5,8 @@ log.jsonl     one JSON record per line, each with the ``step`` it was written at
 last.pt       the latest checkpoint: what ``--resume`` continues from
 best.pt       the checkpoint of the best validation accuracy (episodic training and the Baselines)
 result.json   the final record
+eval_config.yaml, eval_result.json   the options and the record of an ``--eval-only`` run into the folder
+              (the training run's own config.yaml and result.json are never overwritten by one)
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ LOG = "log.jsonl"
 LAST = "last.pt"
 BEST = "best.pt"
 RESULT = "result.json"
+EVAL_CONFIG = "eval_config.yaml"
+EVAL_RESULT = "eval_result.json"
 
 
 class JsonlLog:

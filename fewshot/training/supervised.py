@@ -16,6 +16,7 @@ head (Baseline++) goes through the same loop as a CIFAR ResNet.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -324,6 +325,16 @@ class _Progress:
     clock: float = 0.0  # wall time of the loop so far (training + evaluation + checkpoints): the budget's clock
 
 
+def _check_finite(loss: float, step: int, run_path: Path | None) -> None:
+    """Stop before a checkpoint would save diverged weights: the last one written stays the last good one."""
+    if not math.isfinite(loss):
+        where = f"{run_path / LAST} holds the last good checkpoint" if run_path is not None else "nothing was saved"
+        raise FloatingPointError(
+            f"the training loss became {loss} by step {step}; stopped before saving: {where}. Lower --lr and "
+            "continue with --resume or start again"
+        )
+
+
 def fit(
     model: nn.Module,
     data: ClassificationData,
@@ -482,6 +493,7 @@ def fit(
             if loop.train_seconds is not None:
                 out_of_time = _on_any_rank(clock() >= loop.train_seconds, info)
             if mid_epoch and (stop_now or periodic or out_of_time):
+                _check_finite(sums[0].item(), progress.step, run_path)
                 progress.sums = [*sums.tolist(), float(seen)]
                 progress.seconds += time.perf_counter() - started
                 started = time.perf_counter()
@@ -498,6 +510,7 @@ def fit(
         epoch_seconds = time.perf_counter() - epoch_started
         totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([float(seen)])]), info)
         train = {"train_loss": (totals[0] / totals[2]).item(), "train_top1": (totals[1] / totals[2]).item()}
+        _check_finite(train["train_loss"], progress.step, run_path)
         last_train = train
         lr = _lr(optimizer)
         scheduler.step()
