@@ -831,3 +831,16 @@ def test_tune_glyphs_reuses_a_run_of_the_same_settings_and_budget(tmp_path, monk
     assert payload["records"][f"2/{first}"]["reused_from"] == "1/conv4-w32"
     assert payload["records"][f"2/{first}"]["val_accuracy"] == 60.0
     assert "| 2 | inner step size |" in (tmp_path / "tune.md").read_text()
+
+
+def test_compare_methods_settings_are_the_committed_search_winners() -> None:
+    """METHOD_SETTINGS must be what benchmarks/results/compare_methods_tuning.json chose (copied by hand)."""
+    compare_methods = load("compare_methods")
+    payload = json.loads((BENCHMARKS / "results" / "compare_methods_tuning.json").read_text())
+    assert payload["settings"]["train_seconds"] == compare_methods.parse([]).train_seconds
+    assert set(payload["chosen"]) == set(compare_methods.METHOD_SETTINGS) - {"maml"}
+    for method, choice in payload["chosen"].items():
+        assert compare_methods.METHOD_SETTINGS[method] == choice["settings"], method
+        assert (
+            choice["settings"]["train_ways"] == 20 if method == "protonet" else "train_ways" not in choice["settings"]
+        )
