@@ -15,8 +15,10 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +263,24 @@ def run_fewshot_cli(script: str, settings: Mapping[str, Any], out: Path, threads
             f"run failed ({done.returncode}): {' '.join(argv)} with {dict(settings)}\n{done.stderr[-2000:]}"
         )
     return json.loads((out / "result.json").read_text())
+
+
+def measure_cells(
+    cells: Sequence[Any],
+    measure_one: Callable[[Any], dict[str, Any]],
+    keep: Callable[[Any, dict[str, Any]], None],
+    jobs: int,
+) -> None:
+    """``measure_one(cell)`` for every cell, ``jobs`` at a time (threads, each waiting on its own run's
+    subprocess); ``keep(cell, record)`` runs under one lock as each run finishes (write the results file
+    there, so a finished cell is never lost). A failed run's error is raised."""
+    lock = threading.Lock()
+
+    def one(cell: Any) -> None:
+        record = measure_one(cell)
+        with lock:
+            keep(cell, record)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for _ in pool.map(one, cells):
+            pass

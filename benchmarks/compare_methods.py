@@ -66,17 +66,15 @@ import math
 import shutil
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, command_line, load_average, markdown_table, run_fewshot_cli, write_json  # noqa: E402
+from common import RESULTS, command_line, load_average, markdown_table, measure_cells, run_fewshot_cli, write_json  # noqa: E402
 
 from fewshot.cli import FEWSHOT_BACKBONES  # noqa: E402
 from fewshot.config import cli_main  # noqa: E402
@@ -445,26 +443,24 @@ def run_cells(
         f"{len(cells) - len(todo)} of {len(cells)} cells already in {path}; {len(todo)} to run, {args.jobs} at a time",
         flush=True,
     )
-    lock = threading.Lock()
 
-    def one(key: str) -> None:
+    def one(key: str) -> dict[str, Any]:
         method, variant, shots, settings = cells[key]
         print(f"  started {key}", flush=True)
-        record = measure(args, method, variant, shots, settings, Path(args.runs) / key.replace("/", "_"))
-        with lock:  # one writer of the JSON at a time; each finished cell is kept at once
-            records[key] = record
-            if on_record is not None:
-                on_record(key, record)
-            write_json(path, payload)
-            print(
-                f"  {key}: {record['accuracy_mean']:.2f} ± {record['accuracy_ci95']:.2f} % after {record['steps']} "
-                f"{record['steps_unit']} in {record['train_seconds']} s ({record['wall_seconds']:.0f} s in all)",
-                flush=True,
-            )
+        return measure(args, method, variant, shots, settings, Path(args.runs) / key.replace("/", "_"))
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for _ in pool.map(one, todo):  # re-raises a failed run's error
-            pass
+    def keep(key: str, record: dict[str, Any]) -> None:
+        records[key] = record
+        if on_record is not None:
+            on_record(key, record)
+        write_json(path, payload)
+        print(
+            f"  {key}: {record['accuracy_mean']:.2f} ± {record['accuracy_ci95']:.2f} % after {record['steps']} "
+            f"{record['steps_unit']} in {record['train_seconds']} s ({record['wall_seconds']:.0f} s in all)",
+            flush=True,
+        )
+
+    measure_cells(todo, one, keep, args.jobs)
 
 
 # ------------------------------------------------------------------------------------------------ comparison

@@ -35,17 +35,15 @@ import json
 import shutil
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, markdown_table, run_fewshot_cli, write_json  # noqa: E402
+from common import command_line, markdown_table, measure_cells, run_fewshot_cli, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONES = ("conv4", "resnet10", "resnet18", "resnet34")
@@ -271,12 +269,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         cells = [(b, a, k, s) for k in args.shots for s in args.seeds for b in args.backbones for a in args.acdc]
         todo = [c for c in cells if cell_key(*c) not in records]
         print(f"{len(cells) - len(todo)} of {len(cells)} cells already measured; running {len(todo)}", flush=True)
-        lock = threading.Lock()
 
-        def one(cell: tuple[str, str, int, int]) -> None:
-            key = cell_key(*cell)
+        def one(cell: tuple[str, str, int, int]) -> dict[str, Any]:
             settings = cell_settings(args, *cell)
-            run_dir = Path(args.runs) / args.dataset / key.replace("/", "_")
+            run_dir = Path(args.runs) / args.dataset / cell_key(*cell).replace("/", "_")
             if run_dir.exists():  # a cell killed earlier: start it again
                 shutil.rmtree(run_dir)
             started = time.perf_counter()
@@ -296,25 +292,24 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 "train_seconds",
                 "seconds",
             )
-            record = {
+            return {
                 **{k: result.get(k) for k in kept},
                 "settings": settings,
                 "wall_seconds": round(time.perf_counter() - started, 1),
                 "threads": args.threads,
                 "jobs": args.jobs,
             }
-            with lock:  # one writer of the JSON at a time; each finished cell is kept at once
-                records[key] = record
-                write_json(out, payload)
-                print(
-                    f"  {key}: {record['accuracy_mean']:.2f}% ± {record['accuracy_ci95']:.2f} "
-                    f"({record['wall_seconds']:.0f} s)",
-                    flush=True,
-                )
 
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for _ in pool.map(one, todo):  # re-raises a failed run's error
-                pass
+        def keep(cell: tuple[str, str, int, int], record: dict[str, Any]) -> None:
+            records[cell_key(*cell)] = record
+            write_json(out, payload)
+            print(
+                f"  {cell_key(*cell)}: {record['accuracy_mean']:.2f}% ± {record['accuracy_ci95']:.2f} "
+                f"({record['wall_seconds']:.0f} s)",
+                flush=True,
+            )
+
+        measure_cells(todo, one, keep, args.jobs)
     if not records:
         raise SystemExit(f"error: {out} has no measured cell yet; run some cells first")
     write_json(out, payload)
