@@ -166,6 +166,16 @@ def test_bad_flags_give_one_line_and_exit_2(capsys, tmp_path, flags, method, exp
         assert part in line
 
 
+def test_out_that_is_a_file_is_refused_before_training(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.write_text("not a folder")
+    with pytest.raises(SystemExit) as exc:
+        main([*GLYPHS, "--out", str(out)], method="maml")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"error: --out {out} is a file, not a folder; give the folder of the run\n"
+    assert out.read_text() == "not a folder"
+
+
 def test_val_split_too_small_for_ways(capsys, tmp_path):
     # test has 262 classes, val only 84: 100 ways fit the test split but not validation.
     out = tmp_path / "run"

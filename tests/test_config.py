@@ -88,9 +88,20 @@ def test_file_errors(tmp_path):
         parse_args_with_config(make_parser(), ["--config", str(tmp_path / "nope.yaml")])
     with pytest.raises(ConfigError, match="must hold a mapping of option names to values, got list"):
         load_config_file(write(tmp_path, "- 1\n- 2\n"))
-    with pytest.raises(ConfigError, match="is not valid YAML"):
+    with pytest.raises(ConfigError, match="is not valid YAML") as bad:
         load_config_file(write(tmp_path, "a: [1, 2\n"))
+    assert "\n" not in str(bad.value)  # one line, with where the problem is
     assert load_config_file(write(tmp_path, "")) == {}
+
+
+def test_a_key_given_twice_is_refused_not_silently_resolved(tmp_path):
+    path = write(tmp_path, "lr: 0.1\nbackbone: conv4\nlr: 0.2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config_file(path)
+    assert str(err.value) == (
+        f"config file {str(path)!r} is not valid YAML: key 'lr' is given twice (lines 1 and 3) (line 3, column 1)"
+    )
+    assert load_config_file(write(tmp_path, "a:\n  x: 1\nb:\n  x: 2\n")) == {"a": {"x": 1}, "b": {"x": 2}}
 
 
 def test_save_config_round_trips(tmp_path):

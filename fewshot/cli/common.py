@@ -67,6 +67,7 @@ def add_run_options(parser: argparse.ArgumentParser, default_out: str) -> argpar
 
 def check_out_folder(out: Path, resume: bool, resume_point: Path, *others: Path) -> None:
     """A new run never writes into the folder of another; ``--resume`` needs that run's ``resume_point``."""
+    check_out_is_folder(out)
     if resume and not resume_point.is_file():
         raise FileNotFoundError(f"--resume: {resume_point} does not exist; start without --resume")
     if not resume and any(p.exists() for p in (resume_point, *others)):
@@ -89,3 +90,9 @@ def check_number(
     if not ok:
         bound = f"{'>' if strict else '>='} {minimum:g}" + ("" if below is None else f" and < {below:g}")
         raise ValueError(f"{flag} must be a finite number {bound}, got {value}")
+
+
+def check_out_is_folder(out: Path) -> None:
+    """``--out`` must be a folder or not exist yet (a file there would fail only after training)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; give the folder of the run")

@@ -17,7 +17,14 @@ import torch
 
 from fewshot.acdc.rules import check_acdc_options
 from fewshot.backbones import list_backbones
-from fewshot.cli.common import OneLineParser, add_backbone_options, add_run_options, check_number, check_out_folder
+from fewshot.cli.common import (
+    OneLineParser,
+    add_backbone_options,
+    add_run_options,
+    check_number,
+    check_out_folder,
+    check_out_is_folder,
+)
 from fewshot.config import cli_main, parse_args_with_config, save_config
 from fewshot.data import list_datasets
 from fewshot.evaluation import evaluate, result_record
@@ -476,6 +483,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     episodic = learner.training_mode == "episodic"
     resume_point = out / LAST if episodic else out / "pretrain" / LAST
     if args.eval_only:
+        check_out_is_folder(out)
         state = load_checkpoint(args.checkpoint, map_location=args.device)
         check_model_spec(state.get("meta"), spec, args.checkpoint)
         load_model_state(learner, state["model"], source=args.checkpoint)
