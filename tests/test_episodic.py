@@ -119,3 +119,15 @@ def test_a_non_finite_loss_stops_training_before_the_step_and_keeps_the_last_che
     assert saved["progress"]["step"] == 2
     for name, value in learner.state_dict().items():  # the parameters were not stepped with the NaN loss
         assert torch.isfinite(value.float()).all(), name
+
+
+def test_a_start_in_the_folder_removes_temporary_checkpoints_a_killed_run_left(tmp_path) -> None:
+    tmp_path.mkdir(exist_ok=True)
+    stale = [tmp_path / ".last.pt.k1llx.tmp", tmp_path / ".best.pt.abc123.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".notes.tmp"  # not a checkpoint temporary: left alone
+    other.write_bytes(b"x")
+    run(tmp_path, 2)
+    assert not any(p.exists() for p in stale) and other.exists()
+    assert not list(tmp_path.glob(".*.pt.*.tmp"))  # and the run left none of its own

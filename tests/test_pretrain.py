@@ -736,3 +736,11 @@ def test_configs_hold_the_paper_recipes():
         )
     a = parsed["pretrain_imagenet"]
     assert (a.lr, a.weight_decay, a.epochs, a.schedule, a.step_size, a.gamma) == (0.1, 2.5e-5, 90, "step", 30, 0.1)
+
+
+def test_fit_removes_temporary_checkpoints_a_killed_run_left(tmp_path):
+    (tmp_path / "a").mkdir()
+    stale = tmp_path / "a" / ".last.pt.k1llx.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    run_fit(tmp_path / "a", epochs=1)
+    assert not stale.exists() and (tmp_path / "a" / "last.pt").is_file()

@@ -27,7 +27,7 @@ from fewshot.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from fewshot.training.run_folder import BEST, LAST, LOG, JsonlLog
+from fewshot.training.run_folder import BEST, LAST, LOG, JsonlLog, remove_stale_temporaries
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -124,6 +124,7 @@ def train_episodic(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     optimizer = torch.optim.Adam(learner.parameters(), lr=schedule.lr)
     start, best_acc, best_step, seconds_before = 0, float("-inf"), -1, 0.0
     if resume:

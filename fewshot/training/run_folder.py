@@ -58,3 +58,14 @@ class JsonlLog:
         if self.path is None or not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary checkpoint files (``.last.pt.*.tmp``, ``.best.pt.*.tmp``) a killed run left in its
+    folder (each can be as large as a checkpoint). Called when a run starts in the folder: one run uses a folder
+    at a time, so no other process is writing them. Returns what was deleted."""
+    folder = Path(folder)
+    stale = [p for name in (LAST, BEST) for p in folder.glob(f".{name}.*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

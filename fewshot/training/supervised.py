@@ -44,7 +44,7 @@ from fewshot.training.checkpoint import (
     unwrap_model,
 )
 from fewshot.training.distributed import DistInfo, all_gather_objects, all_reduce_sum, broadcast_buffers, wrap_ddp
-from fewshot.training.run_folder import LAST, LOG, JsonlLog
+from fewshot.training.run_folder import LAST, LOG, JsonlLog, remove_stale_temporaries
 
 __all__ = [
     "OptimConfig",
@@ -375,6 +375,7 @@ def fit(
     run_path = Path(run_dir) if run_dir is not None and info.is_main else None
     if run_path is not None:
         run_path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_path)
     log = JsonlLog(None if run_path is None else run_path / LOG)
 
     raw = unwrap_model(model).to(device)
