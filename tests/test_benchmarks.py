@@ -418,6 +418,8 @@ def test_compare_methods_skips_cells_already_in_the_json(tmp_path: Path, monkeyp
         "dense",
         "--shots",
         "1",
+        "--jobs",
+        "1",  # one at a time: the order of the runs is part of what is checked
         "--runs",
         str(tmp_path / "runs"),
         "--out",
