@@ -96,3 +96,11 @@ def check_out_is_folder(out: Path) -> None:
     """``--out`` must be a folder or not exist yet (a file there would fail only after training)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder; give the folder of the run")
+
+
+def check_at_least(args: argparse.Namespace, names: Sequence[str], minimum: int = 1) -> None:
+    """Each ``args.<name>`` given (not None) must be >= ``minimum``; else one ValueError naming the flag."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")

@@ -21,6 +21,7 @@ from fewshot.cli.common import (
     OneLineParser,
     add_backbone_options,
     add_run_options,
+    check_at_least,
     check_number,
     check_out_folder,
     check_out_is_folder,
@@ -253,18 +254,11 @@ def _add_evaluation_options(p: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-def _check_positive(args: argparse.Namespace, names: Sequence[str], minimum: int = 1) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
-
-
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Check the options against each other and fill the method-dependent defaults."""
     if args.ways < 2:
         raise ValueError(f"--ways must be >= 2, got {args.ways}")
-    _check_positive(
+    check_at_least(
         args,
         (
             "shots",
@@ -283,7 +277,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             "width",
         ),
     )
-    _check_positive(args, ("inner_steps", "test_inner_steps", "val_every", "workers"), minimum=0)
+    check_at_least(args, ("inner_steps", "test_inner_steps", "val_every", "workers"), minimum=0)
     check_train_seconds(args.train_seconds)
     check_acdc_options(args.acdc, args.atoms, args.group_size, args.atom_drop, scope_name="acdc", style="cli")
     for name in ("lr", "inner_lr", "test_inner_lr"):  # step sizes

@@ -27,7 +27,14 @@ from typing import Any
 import torch
 
 from fewshot.acdc.rules import GROUPED_SCOPES, SCOPES, check_acdc_options
-from fewshot.cli.common import OneLineParser, add_backbone_options, add_run_options, check_number, check_out_folder
+from fewshot.cli.common import (
+    OneLineParser,
+    add_backbone_options,
+    add_run_options,
+    check_at_least,
+    check_number,
+    check_out_folder,
+)
 from fewshot.config import cli_main, parse_args_with_config, save_config, to_yaml_value
 from fewshot.io import write_json
 from fewshot.training.checkpoint import ModelSpec, check_model_spec, load_checkpoint, load_model_state
@@ -165,11 +172,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("momentum", "weight_decay"):
         check_number(args, name, strict=False)
     check_number(args, "label_smoothing", strict=False, below=1.0)
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    check_at_least(args, ("epochs", "batch_size"))
+    check_at_least(args, ("workers",), minimum=0)
     # The model as built: its group size may belong to the scope it grows into (--expand-scope g-*).
     grows_into_groups = args.expand_scope in GROUPED_SCOPES and args.acdc not in GROUPED_SCOPES
     cli_rules = {"style": "cli"}
@@ -203,9 +207,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--milestones apply to --schedule multistep, not {args.schedule}")
     if args.schedule == "multistep" and args.milestones is None:
         args.milestones = [150, 250]
-    for name in ("save_every_steps", "stop_at_step"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check_at_least(args, ("save_every_steps", "stop_at_step"), minimum=0)
 
 
 def backbone_kwargs(args: argparse.Namespace, channels: int, image_size: int) -> dict[str, Any]:

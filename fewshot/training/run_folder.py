@@ -53,12 +53,6 @@ class JsonlLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
 
-    def records(self) -> list[dict[str, Any]]:
-        """Every record written so far (empty without a file)."""
-        if self.path is None or not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
-
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the temporary checkpoint files (``.last.pt.*.tmp``, ``.best.pt.*.tmp``) a killed run left in its
