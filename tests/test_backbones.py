@@ -16,6 +16,7 @@ from fewshot.backbones import backbone_options, create_backbone, list_backbones,
 
 NAMES = [
     "conv4",
+    "conv4_nopool",
     "resnet10",
     "resnet18",
     "resnet18_cifar",
@@ -50,6 +51,7 @@ def test_registry_lists_every_backbone_and_fewshot_exports_it():
     "name, count",
     [
         ("conv4", 113_088),
+        ("conv4_nopool", 113_088),
         ("resnet10", 4_905_792),
         ("resnet18", 11_176_512),
         ("resnet34", 21_284_672),
@@ -119,6 +121,9 @@ def test_conv4_flattens_like_chen_et_al(size, in_channels, features):
         ("conv4", dict(image_size=28, width=8, in_channels=1), 28, (8, 1, 1)),
         ("conv4", dict(image_size=84, width=8), 84, (8, 5, 5)),
         ("conv4", dict(image_size=40, width=4), 40, (4, 2, 2)),
+        ("conv4_nopool", dict(image_size=84, width=8), 84, (8, 19, 19)),  # Chen et al.'s 64x19x19 at width 64
+        ("conv4_nopool", dict(image_size=28, width=8, in_channels=1), 28, (8, 5, 5)),
+        ("conv4_nopool", dict(image_size=10, width=2), 10, (2, 1, 1)),
         ("resnet10", dict(stem="small", width=4, in_channels=1), 28, (32, 4, 4)),
         ("resnet10", dict(stem="imagenet", width=4), 84, (32, 3, 3)),
         ("resnet10", dict(stem="imagenet", width=2), 224, (16, 7, 7)),
@@ -141,6 +146,7 @@ def test_feature_map_shape_is_the_shape_forward_map_returns(name, kw, size, shap
     [
         ("conv4", dict(image_size=84, width=8), 84, "flatten"),
         ("conv4", dict(image_size=28, width=8, in_channels=1), 28, "flatten"),
+        ("conv4_nopool", dict(image_size=28, width=8, in_channels=1), 28, "flatten"),
         ("resnet10", dict(stem="small", width=4, in_channels=1), 28, "mean"),
         ("resnet10", dict(stem="imagenet", width=4), 84, "mean"),
         ("vgg16_cifar", {}, 64, "mean"),
@@ -178,6 +184,19 @@ def test_backbone_base_class_without_a_map_says_so():
         Vectors().feature_map_shape(28)
     with pytest.raises(NotImplementedError, match=r"Vectors does not expose its last feature map \(forward_map\)"):
         Vectors().forward_map(torch.zeros(1, 3, 28, 28))
+
+
+def test_conv4_nopool_pools_in_the_first_two_blocks_with_unpadded_convs():
+    """Chen et al.'s ConvNetNopool: [conv pad 0, BN, ReLU, pool] x 2, then [conv pad 1, BN, ReLU] x 2."""
+    model = create_backbone("conv4_nopool")
+    kinds = [[type(m).__name__ for m in getattr(model, f"layer{i}")] for i in range(1, 5)]
+    assert kinds == [["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]] * 2 + [["Conv2d", "BatchNorm2d", "ReLU"]] * 2
+    assert [getattr(model, f"layer{i}")[0].padding for i in range(1, 5)] == [(0, 0), (0, 0), (1, 1), (1, 1)]
+    assert n_params(model) == n_params(create_backbone("conv4")) == 113_088
+    with error("conv4_nopool: image_size (two unpadded convs and 2x2 max-pools) must be an integer >= 10, got 9"):
+        create_backbone("conv4_nopool", image_size=9)
+    with error("conv4_nopool was built for 28x28 images (1600 features) but got 84x84; create it with image_size=84"):
+        create_backbone("conv4_nopool", image_size=28)(torch.zeros(1, 3, 84, 84))
 
 
 def test_conv4_blocks_are_conv_with_bias_bn_relu_maxpool():
@@ -484,7 +503,17 @@ def test_fewshot_resnet_width_scales_every_stage():
 def test_the_few_shot_backbones_come_from_the_registry():
     from fewshot.cli.fewshot import FEWSHOT_BACKBONES
 
-    assert list(FEWSHOT_BACKBONES) == list_backbones(fewshot=True) == ["conv4", "resnet10", "resnet18", "resnet34"]
+    assert (
+        list(FEWSHOT_BACKBONES)
+        == list_backbones(fewshot=True)
+        == [
+            "conv4",
+            "conv4_nopool",
+            "resnet10",
+            "resnet18",
+            "resnet34",
+        ]
+    )
     assert set(list_backbones(fewshot=True)) < set(list_backbones())
     for name in FEWSHOT_BACKBONES:  # what the few-shot command line relies on
         assert "width" in backbone_options(name)

@@ -352,12 +352,14 @@ def _resolve_training_options(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------
 def model_spec(args: argparse.Namespace, in_channels: int):
     """The architecture of the run's backbone, stored in and checked against checkpoints."""
+    from fewshot.backbones import backbone_options
     from fewshot.training.checkpoint import ModelSpec
 
+    options = backbone_options(args.backbone)
     kwargs: dict[str, Any] = {"in_channels": in_channels}
-    if args.backbone.startswith("resnet"):
+    if "stem" in options:
         kwargs["stem"] = args.stem or "imagenet"
-    if args.backbone == "conv4":
+    if "image_size" in options:  # built for one image size (conv4, conv4_nopool)
         kwargs["image_size"] = args.image_size
     if args.width is not None:
         kwargs["width"] = args.width
