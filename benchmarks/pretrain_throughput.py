@@ -2,7 +2,7 @@
 """Training throughput (images/s) of ResNet18 (CIFAR): dense vs ACDC-net vs ACDC-g-net, fp32 vs AMP.
 
 Synthetic 32x32 batches already on the device, SGD (momentum 0.9, weight decay 1e-4), one full training
-step (forward, cross-entropy, backward, update) through ``fewshot.training.supervised.train_step``, the
+step (forward, cross-entropy, backward, update) through ``fewshot.training.optim.train_step``, the
 step the pretraining loop runs. Warm-up steps first (cuDNN autotuning, torch.compile, allocator); on
 CUDA the timed loop is bracketed by ``torch.cuda.synchronize()`` so queued kernels are counted.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repository on sys.path)
 
 from fewshot.config import cli_main  # noqa: E402
-from fewshot.training.supervised import Precision, train_step  # noqa: E402
+from fewshot.training.optim import Precision, train_step  # noqa: E402
 
 # (name, acdc scope, atoms, group size): Table 1's ResNet18 rows (net m8; g-net m16 s64).
 VARIANTS = {

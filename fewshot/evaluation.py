@@ -55,8 +55,11 @@ def evaluate(
 ) -> EvaluationResult:
     """Accuracy of the learner's predictions on every episode, in order.
 
-    ``batch`` episodes at a time go to ``learner.predict_batch`` (MAML runs them through one ``vmap``);
-    the accuracies do not depend on it. The learner's train/eval mode is the caller's choice: each
+    ``batch`` episodes at a time go to ``learner.predict_batch`` (MAML with ``vectorize`` runs them through
+    one ``vmap``); it computes the same logits at every ``batch``. Only floating-point rounding can differ:
+    under ``vmap`` the convs of the batch run as one grouped conv, whose float32 sums round differently
+    from one episode's, and a near-tie query can then flip (float64: equal to 1e-10, tested). The
+    learner's train/eval mode is the caller's choice: each
     learner's ``predict`` decides how BatchNorm behaves (MAML transductively, as Chen et al.).
     """
     if batch < 1:

@@ -105,6 +105,24 @@ def test_spec_check_names_both_architectures(tmp_path):
         check_model_spec(None, saved, "x.pt")
 
 
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "is empty (0 bytes), not a saved checkpoint"),
+        (b"\x80", "cannot be loaded with weights_only=True: "),  # truncated: the reason is never blank
+        (b"not a checkpoint", "cannot be loaded with weights_only=True: "),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_line_with_a_reason(tmp_path, content, reason):
+    path = tmp_path / "ck.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"checkpoint {str(path)!r} ") and reason in message
+    assert message.split(reason, 1)[1].strip() or reason.endswith("checkpoint")  # a reason follows
+
+
 def test_ddp_prefixes_are_stripped_and_state_loads_into_plain_module(tmp_path):
     model = tiny(0)
     prefixed = {"module." + k: v for k, v in model.state_dict().items()}

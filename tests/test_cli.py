@@ -272,11 +272,43 @@ def test_script_exit_code_and_single_stderr_line(tmp_path):
     assert not out.exists()
 
 
+def test_data_root_with_glyphs_is_documented_as_the_cache_root():
+    """Issue 14, item 10: with --dataset glyphs, --data-root is where the rendered glyphs are cached; --help
+    says so in both command lines rather than leaving it to be discovered."""
+    from fewshot.cli.pretrain import build_parser as pretrain_parser
+
+    for parser in (build_parser(), build_parser("maml"), pretrain_parser()):
+        text = " ".join(parser.format_help().split())
+        assert "glyphs: where the rendered glyphs are cached (default $FEWSHOT_CACHE or ~/.cache/fewshot)" in text
+
+
 def test_meta_batch_does_not_drop_test_inner_defaults():
     args = build_parser("maml").parse_args([*GLYPHS, "--inner-steps", "3", "--inner-lr", "0.1", "--meta-batch", "2"])
     args.method = "maml"
     args = resolve(args)
     assert (args.test_inner_steps, args.test_inner_lr) == (3, 0.1)
+
+
+@pytest.mark.parametrize("method", ["maml", "protonet", "matchingnet", "relationnet", "baseline", "baseline_pp"])
+def test_method_option_defaults_are_the_learners_keyword_defaults(method):
+    """One home per default: an option the user leaves out resolves to the learner's keyword default (the
+    Baselines' base-class training to Chen et al.'s 400 epochs of batch 16)."""
+    import inspect
+
+    from fewshot.cli.fewshot import METHOD_OPTIONS
+    from fewshot.learners import learner_class
+
+    args = build_parser().parse_args([*GLYPHS, "--method", method])
+    args = resolve(args)
+    signature = inspect.signature(learner_class(method)).parameters
+    resolved = {}
+    for name, keyword in METHOD_OPTIONS.get(method, {}).items():
+        expected = signature[keyword].default if keyword else {"pretrain_epochs": 400, "pretrain_batch": 16}[name]
+        resolved[name] = getattr(args, name)
+        assert resolved[name] == expected, name
+    assert len(resolved) == {"maml": 10, "protonet": 0, "matchingnet": 2, "relationnet": 1}.get(method, 3)
+    if method == "relationnet":
+        assert args.relation_loss == "mse"  # Chen et al.'s loss is the default
 
 
 # ------------------------------------------------------------------------------------------------

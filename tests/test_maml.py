@@ -285,6 +285,25 @@ def test_vectorized_meta_batch_equals_task_loop(options: dict, acdc: bool) -> No
         assert (logits - looped.predict(episode)).abs().max().item() <= 1e-10
 
 
+@pytest.mark.parametrize("batch", [2, 3, 5])
+def test_evaluation_does_not_depend_on_the_eval_batch(batch: int) -> None:
+    """Issue 14, item 7: --eval-batch groups the test episodes of one vmap (a partial last group, a group of
+    one that skips vmap); in float64 every episode's accuracy is the one of batch 1."""
+    from fewshot.evaluation import evaluate
+
+    learner = make_learner(acdc_tiny("net"), vectorize=True).eval()
+    episodes = [make_episode(seed=20 + s) for s in range(7)]
+    calls = []
+    predict_batch = learner.predict_batch
+    learner.predict_batch = lambda group: calls.append(len(group)) or predict_batch(group)
+    one = evaluate(learner, episodes, progress=False, batch=1)
+    grouped = evaluate(learner, episodes, progress=False, batch=batch)
+    assert calls == [1] * 7 + [batch] * (7 // batch) + ([7 % batch] if 7 % batch else [])
+    assert grouped.accuracies == one.accuracies and len(set(one.accuracies)) > 1  # not all equal by chance
+    for logits, episode in zip(predict_batch(episodes[:batch]), episodes):
+        assert (logits - learner.predict(episode)).abs().max().item() <= 1e-10
+
+
 def test_atom_drop_under_vmap_draws_a_mask_per_task() -> None:
     from fewshot.acdc import convert
 

@@ -25,14 +25,10 @@ from fewshot.data.classification import (
 )
 from fewshot.data.transforms import GLYPHS_MEAN, GLYPHS_STD
 from fewshot.training.checkpoint import load_checkpoint
-from fewshot.training.supervised import (
-    LoopConfig,
-    OptimConfig,
-    evaluate_classifier,
-    fit,
-    model_from_checkpoint,
-    topk_correct,
-)
+from fewshot.training.classifier_metrics import evaluate_classifier, topk_correct
+from fewshot.training.models import model_from_checkpoint
+from fewshot.training.optim import OptimConfig
+from fewshot.training.supervised import LoopConfig, fit
 
 # --------------------------------------------------------------------------------- tiny data
 
@@ -210,9 +206,39 @@ def test_tinyimagenet_original_val_layout(tmp_path):
 
 def test_unknown_dataset_lists_the_valid_ones():
     with pytest.raises(
-        ValueError, match="unknown dataset 'mnist'; valid: cifar10, cifar100, imagefolder, imagenet, tinyimagenet"
+        ValueError,
+        match="unknown dataset 'mnist'; valid names are miniimagenet, glyphs, cifar10, cifar100, imagefolder, "
+        "imagenet, tinyimagenet",
     ):
         load_classification_data("mnist")
+
+
+def test_one_dataset_registry_serves_few_shot_and_pretraining():
+    """fewshot.data.factory holds every dataset once: the few-shot command lines offer those with class
+    splits, pretraining all of them (a few-shot dataset through its base classes)."""
+    from fewshot.cli.fewshot import DATASETS
+    from fewshot.cli.pretrain import build_parser
+    from fewshot.data import create_dataset, list_datasets
+    from fewshot.data.factory import dataset_entry, register_dataset
+
+    assert list_datasets(few_shot=True) == list(DATASETS) == ["miniimagenet", "glyphs"]
+    choices = next(a.choices for a in build_parser()._actions if a.dest == "dataset")
+    assert (
+        list(choices)
+        == list_datasets()
+        == [*DATASETS, "cifar10", "cifar100", "imagefolder", "imagenet", "tinyimagenet"]
+    )
+    assert [dataset_entry(n).image_size for n in list_datasets()] == [84, 28, 32, 32, 224, 224, 64]
+    with pytest.raises(
+        ValueError,
+        match="^dataset 'cifar10' has no few-shot class splits .* few-shot datasets are miniimagenet, glyphs$",
+    ):
+        create_dataset("cifar10", "train")
+    with pytest.raises(ValueError, match="dataset 'glyphs' is registered twice"):
+        register_dataset("glyphs", image_size=28, splits=lambda *a: None)
+    with pytest.raises(ValueError, match="give exactly one of splits= or classification="):
+        register_dataset("both", image_size=28)
+    assert "both" not in list_datasets()
 
 
 # -------------------------------------------------------------------- reproducible data order
@@ -478,7 +504,7 @@ def test_cli_writes_results_config_log_and_a_loadable_checkpoint(cifar_root, tmp
     data = load_classification_data("cifar10", cifar_root)
     from torch.utils.data import DataLoader
 
-    from fewshot.training.supervised import Precision
+    from fewshot.training.optim import Precision
 
     loader = DataLoader(AugmentedDataset(data.val, data.eval_transform), batch_size=7)
     again = evaluate_classifier(
@@ -644,7 +670,7 @@ def test_cli_refuses_to_overwrite_a_run_and_resume_needs_one(cifar_root, tmp_pat
         (["--stem", "small"], "error: --stem applies to the ResNet backbones, not --backbone conv4"),
         (
             ["--backbone", "resnet99"],
-            "error: --backbone 'resnet99' is not a registered backbone; valid: conv4, resnet10,",
+            "error: --backbone 'resnet99' is not a registered backbone; valid: conv4, conv4_nopool, resnet10,",
         ),
     ],
 )

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from fewshot.data.classification import AugmentedDataset, Normalizer, load_classification_data
-from fewshot.training.supervised import Precision, evaluate_classifier, model_from_checkpoint
+from fewshot.training.classifier_metrics import evaluate_classifier
+from fewshot.training.models import model_from_checkpoint
+from fewshot.training.optim import Precision
 from tests.test_pretrain import write_fake_cifar10
 
 REPO = Path(__file__).resolve().parents[1]

@@ -92,6 +92,17 @@ def check_number(
         raise ValueError(f"{flag} must be a finite number {bound}, got {value}")
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64-bit seeds; larger ones would alias or overflow
+
+
+def check_seeds(args: argparse.Namespace, names: Sequence[str]) -> None:
+    """Each ``args.<name>`` must be a seed in 0 .. 2**63 - 1; else one ValueError naming the flag."""
+    for name in names:
+        value = getattr(args, name)
+        if not 0 <= value <= MAX_SEED:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer in 0 .. 2**63 - 1, got {value}")
+
+
 def check_out_is_folder(out: Path) -> None:
     """``--out`` must be a folder or not exist yet (a file there would fail only after training)."""
     if out.exists() and not out.is_dir():

@@ -25,9 +25,11 @@ from fewshot.cli.common import (
     check_number,
     check_out_folder,
     check_out_is_folder,
+    check_seeds,
 )
 from fewshot.config import cli_main, parse_args_with_config, save_config
 from fewshot.data import list_datasets
+from fewshot.data.factory import dataset_entry
 from fewshot.evaluation import evaluate, result_record
 from fewshot.io import write_json
 from fewshot.learners.maml import ATOM_DROP_MODES
@@ -38,7 +40,7 @@ from fewshot.training.run_folder import BEST, CONFIG, EVAL_CONFIG, EVAL_RESULT, 
 
 # Choices from the registries: the backbones registered with fewshot=True, the datasets of create_dataset.
 FEWSHOT_BACKBONES = tuple(list_backbones(fewshot=True))
-DATASETS = tuple(list_datasets())
+DATASETS = tuple(list_datasets(few_shot=True))
 # Options that only some methods take: a user giving one to another method gets an error.
 # Each maps the CLI option to the learner's keyword (None: a training option, not the learner's).
 METHOD_OPTIONS: dict[str, dict[str, str | None]] = {
@@ -62,19 +64,32 @@ METHOD_OPTIONS: dict[str, dict[str, str | None]] = {
 # Run settings (not user options of the method) that a learner needs to build itself: RelationNet sizes its
 # relation module to the backbone's feature map, which depends on the image size.
 LEARNER_RUN_SETTINGS: dict[str, tuple[str, ...]] = {"relationnet": ("image_size",)}
-# Defaults of the method options (Chen et al.'s settings); options left out here default in the learner.
-METHOD_DEFAULTS: dict[str, Any] = {
-    "inner_steps": 5,
-    "inner_lr": 0.01,
-    "first_order": False,
-    "adapt": "all",
-    "learn_inner_lr": False,
-    "bn_mode": "transductive",
-    "vectorize": False,
-    "inner_atom_drop": "step",
-    "pretrain_epochs": 400,
-    "pretrain_batch": 16,
-}
+# MAML's test-time options follow the training ones unless given (resolve).
+FOLLOWS = {"test_inner_steps": "inner_steps", "test_inner_lr": "inner_lr"}
+# Defaults of the Baselines' training on the base classes (Chen et al.: 400 epochs of batch 16), options of the
+# run rather than of the learner. Every other method option defaults to its learner's keyword default.
+BASE_CLASS_TRAINING_DEFAULTS: dict[str, Any] = {"pretrain_epochs": 400, "pretrain_batch": 16}
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """The defaults of ``method``'s own options: its learner's keyword defaults (read from its signature,
+    so the learner is the one home of each value), and base-class training's for the Baselines."""
+    import inspect
+
+    from fewshot.learners import learner_class
+
+    signature = inspect.signature(learner_class(method)).parameters
+    defaults = {}
+    for name, keyword in METHOD_OPTIONS.get(method, {}).items():
+        if name in FOLLOWS:
+            continue
+        if keyword is None:
+            defaults[name] = BASE_CLASS_TRAINING_DEFAULTS[name]
+        elif signature[keyword].default is not inspect.Parameter.empty:
+            defaults[name] = signature[keyword].default
+    return defaults
+
+
 # Options of episodic training, with their defaults; learners trained otherwise (Baseline, Baseline++:
 # supervised on the base classes) refuse them. meta_batch's default depends on the method (resolve).
 # --train-seconds is not among them: it bounds both kinds of training.
@@ -114,7 +129,12 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     """--dataset, --data-root, --image-size, --workers."""
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="miniimagenet")
-    data.add_argument("--data-root", default=None, help="miniImageNet folder (see data/miniimagenet/README.md)")
+    data.add_argument(
+        "--data-root",
+        default=None,
+        help="miniimagenet: its folder (see data/miniimagenet/README.md); glyphs: where the rendered glyphs are "
+        "cached (default $FEWSHOT_CACHE or ~/.cache/fewshot)",
+    )
     data.add_argument("--image-size", type=int, default=None, help="default: 84 miniimagenet, 28 glyphs")
     data.add_argument("--workers", type=int, default=0, help="DataLoader workers producing episodes")
 
@@ -247,7 +267,10 @@ def _add_evaluation_options(p: argparse.ArgumentParser) -> None:
         "--eval-batch",
         type=int,
         default=8,
-        help="test episodes predicted together (MAML: one vmap); results do not depend on it",
+        help="test episodes predicted together (MAML with --vectorize: one vmap). The same computation at "
+        "every value; only float32 rounding differs with --vectorize (the episodes' convs run as one grouped "
+        "conv), which can flip a near-tie query (benchmarks/evaluate.py: 99 of 3,000 episodes differ from "
+        "one at a time; the mean by < 0.01 points); float64 agrees to 1e-10",
     )
     ev.add_argument("--eval-only", action="store_true")
     ev.add_argument("--checkpoint", default=None, help="with --eval-only: the checkpoint to evaluate")
@@ -278,25 +301,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         ),
     )
     check_at_least(args, ("inner_steps", "test_inner_steps", "val_every", "workers"), minimum=0)
+    check_seeds(args, ("seed", "test_seed"))
     check_train_seconds(args.train_seconds)
     check_acdc_options(args.acdc, args.atoms, args.group_size, args.atom_drop, scope_name="acdc", style="cli")
     for name in ("lr", "inner_lr", "test_inner_lr"):  # step sizes
         check_number(args, name)
-    own = METHOD_OPTIONS.get(args.method, {})
-    for options in METHOD_OPTIONS.values():
-        for name in options:
-            if name not in own and getattr(args, name) is not None:
-                users = [m for m, o in METHOD_OPTIONS.items() if name in o]
-                raise ValueError(
-                    f"--{name.replace('_', '-')} does not apply to --method {args.method} (only to {', '.join(users)})"
-                )
-    for name in own:
-        if getattr(args, name) is None and name in METHOD_DEFAULTS:
-            setattr(args, name, METHOD_DEFAULTS[name])
+    _resolve_method_options(args)
     _resolve_training_options(args)
-    if args.method == "maml":
-        args.test_inner_steps = args.inner_steps if args.test_inner_steps is None else args.test_inner_steps
-        args.test_inner_lr = args.inner_lr if args.test_inner_lr is None else args.test_inner_lr
     if args.eval_only and args.checkpoint is None:
         raise ValueError("--eval-only needs --checkpoint PATH (a best.pt or last.pt of an earlier run)")
     if args.checkpoint is not None and not args.eval_only:
@@ -309,7 +320,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             "data/miniimagenet/README.md); --dataset glyphs runs with no download"
         )
     if args.image_size is None:
-        args.image_size = 28 if args.dataset == "glyphs" else 84
+        args.image_size = dataset_entry(args.dataset).image_size
     if args.stem is not None and not args.backbone.startswith("resnet"):
         raise ValueError(f"--stem applies to the ResNet backbones, not --backbone {args.backbone}")
     args.device = str(resolve_device(args.device))
@@ -317,6 +328,24 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         acdc = args.acdc if args.acdc == "none" else f"acdc-{args.acdc}-m{args.atoms}"
         args.out = str(Path("runs") / f"{args.dataset}_{args.method}_{args.backbone}_{acdc}_{args.ways}w{args.shots}s")
     return args
+
+
+def _resolve_method_options(args: argparse.Namespace) -> None:
+    """Refuse another method's options; fill this method's defaults (``method_defaults``, ``FOLLOWS``)."""
+    own = METHOD_OPTIONS.get(args.method, {})
+    for options in METHOD_OPTIONS.values():
+        for name in options:
+            if name not in own and getattr(args, name) is not None:
+                users = [m for m, o in METHOD_OPTIONS.items() if name in o]
+                raise ValueError(
+                    f"--{name.replace('_', '-')} does not apply to --method {args.method} (only to {', '.join(users)})"
+                )
+    for name, value in method_defaults(args.method).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name, source in FOLLOWS.items():
+        if name in own and getattr(args, name) is None:
+            setattr(args, name, getattr(args, source))
 
 
 def _resolve_training_options(args: argparse.Namespace) -> None:
@@ -429,7 +458,8 @@ def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path)
     planned, ``stopped_by`` (``epochs`` or ``train_seconds``) and the seconds on the budget's clock."""
     from fewshot.data.classification import load_classification_data
     from fewshot.training.distributed import DistInfo
-    from fewshot.training.supervised import LoopConfig, OptimConfig, fit
+    from fewshot.training.optim import OptimConfig
+    from fewshot.training.supervised import LoopConfig, fit
 
     data = load_classification_data(args.dataset, args.data_root, image_size=args.image_size)
     model = learner.pretrain_model(data.num_classes)
@@ -464,83 +494,79 @@ def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path)
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train (unless --eval-only) and evaluate; returns the JSON result that is also written."""
-    from fewshot.training.checkpoint import check_model_spec, load_checkpoint, load_model_state, save_checkpoint
-    from fewshot.training.episodic import EpisodicSchedule, train_episodic
+def check_start(args: argparse.Namespace, learner, spec, out: Path, episodic: bool) -> None:
+    """Before anything is written: --eval-only loads its checkpoint (which must fit the model); a training
+    run needs a new --out, or with --resume the folder of this very run at a step the plan still reaches."""
+    from fewshot.training.checkpoint import check_model_spec, load_checkpoint, load_model_state
 
-    args = resolve(args)
-    started = time.perf_counter()
-    out = Path(args.out)
-    # Everything that can fail on the user's input is checked before anything is written.
-    test_episodes = episode_source(args, args.test_split, args.test_episodes, args.test_seed, train=False)
-    torch.manual_seed(args.seed)
-    learner, spec = build_learner(args, test_episodes.dataset.channels)
-    episodic = learner.training_mode == "episodic"
-    resume_point = out / LAST if episodic else out / "pretrain" / LAST
     if args.eval_only:
         check_out_is_folder(out)
         state = load_checkpoint(args.checkpoint, map_location=args.device)
         check_model_spec(state.get("meta"), spec, args.checkpoint)
         load_model_state(learner, state["model"], source=args.checkpoint)
-    else:
-        check_out_folder(out, args.resume, resume_point, out / BEST)
-        if args.resume:  # the run to continue must be this one: checked before anything is rewritten
-            saved = load_checkpoint(resume_point, map_location="cpu")
-            check_model_spec(saved.get("meta"), spec, resume_point)
-            done = saved.get("progress", {}).get("step", 0)
-            planned = max(1, args.train_episodes // args.meta_batch) if episodic else done
-            if done > planned:
-                raise ValueError(
-                    f"--resume: {resume_point} is at meta-step {done}, beyond the {planned} meta-steps of "
-                    f"--train-episodes {args.train_episodes} (meta-batch {args.meta_batch}); give at least "
-                    f"--train-episodes {done * args.meta_batch}"
-                )
-    if not args.eval_only and episodic:
-        train_episodes = episode_source(args, "train", args.train_episodes, args.seed, train=True)
-        val_episodes = episode_source(args, "val", args.val_episodes, args.test_seed + 1, train=False)
-        schedule = EpisodicSchedule(
-            meta_steps=max(1, args.train_episodes // args.meta_batch),
-            meta_batch=args.meta_batch,
-            lr=args.lr,
-            val_every=args.val_every,
-            num_workers=args.workers,
-            eval_batch=args.eval_batch,
-            train_seconds=args.train_seconds,
-            lr_schedule=args.lr_schedule,
+        return
+    resume_point = out / LAST if episodic else out / "pretrain" / LAST
+    check_out_folder(out, args.resume, resume_point, out / BEST)
+    if not args.resume:
+        return
+    saved = load_checkpoint(resume_point, map_location="cpu")
+    check_model_spec(saved.get("meta"), spec, resume_point)
+    done = saved.get("progress", {}).get("step", 0)
+    planned = max(1, args.train_episodes // args.meta_batch) if episodic else done
+    if done > planned:
+        raise ValueError(
+            f"--resume: {resume_point} is at meta-step {done}, beyond the {planned} meta-steps of "
+            f"--train-episodes {args.train_episodes} (meta-batch {args.meta_batch}); give at least "
+            f"--train-episodes {done * args.meta_batch}"
         )
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(args, out / (EVAL_CONFIG if args.eval_only else CONFIG))
-    summary: dict[str, Any] = {}
-    if not args.eval_only and episodic:
-        summary = train_episodic(
-            learner,
-            train_episodes,
-            val_episodes,
-            schedule,
-            out,
-            spec=spec,
-            config=vars(args),
-            device=args.device,
-            resume=args.resume,
-            progress=not args.no_progress,
-        )
-        load_model_state(learner, load_checkpoint(out / BEST, map_location=args.device)["model"])
-    elif not args.eval_only:
+
+def episodic_training(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The training and validation episodes and the schedule of meta-training."""
+    from fewshot.training.episodic import EpisodicSchedule
+
+    train_episodes = episode_source(args, "train", args.train_episodes, args.seed, train=True)
+    val_episodes = episode_source(args, "val", args.val_episodes, args.test_seed + 1, train=False)
+    schedule = EpisodicSchedule(
+        meta_steps=max(1, args.train_episodes // args.meta_batch),
+        meta_batch=args.meta_batch,
+        lr=args.lr,
+        val_every=args.val_every,
+        num_workers=args.workers,
+        eval_batch=args.eval_batch,
+        train_seconds=args.train_seconds,
+        lr_schedule=args.lr_schedule,
+    )
+    return train_episodes, val_episodes, schedule
+
+
+def train(args: argparse.Namespace, learner, spec, out: Path, episodic: tuple[Any, Any, Any] | None) -> dict[str, Any]:
+    """Meta-train (``episodic``: episodes and schedule; ``best.pt`` is loaded back) or, for the Baselines,
+    train on the base classes; returns the training summary that goes into ``result.json``."""
+    from fewshot.training.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+    from fewshot.training.episodic import train_episodic
+
+    if episodic is None:
         summary = pretrain_on_base_classes(learner, args, spec, out)
         save_checkpoint(out / BEST, model=learner, meta=spec, config=vars(args))
-    learner.eval()
-    result = evaluate(
+        return summary
+    summary = train_episodic(
         learner,
-        test_episodes,
+        *episodic,
+        out,
+        spec=spec,
+        config=vars(args),
         device=args.device,
+        resume=args.resume,
         progress=not args.no_progress,
-        total=args.test_episodes,
-        batch=args.eval_batch,
     )
-    record = result_record(
-        result,
+    load_model_state(learner, load_checkpoint(out / BEST, map_location=args.device)["model"])
+    return summary
+
+
+def run_metadata(args: argparse.Namespace, learner, started: float) -> dict[str, Any]:
+    """What ``result.json`` records about the run besides its accuracies and training summary."""
+    return dict(
         dataset=args.dataset,
         method=args.method,
         backbone=args.backbone,
@@ -559,8 +585,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         test_seed=args.test_seed,
         checkpoint=args.checkpoint,
-        **summary,
     )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (unless --eval-only) and evaluate; returns the JSON result that is also written."""
+    args = resolve(args)
+    started = time.perf_counter()
+    out = Path(args.out)
+    # Everything that can fail on the user's input is checked before anything is written.
+    test_episodes = episode_source(args, args.test_split, args.test_episodes, args.test_seed, train=False)
+    torch.manual_seed(args.seed)
+    learner, spec = build_learner(args, test_episodes.dataset.channels)
+    episodic = learner.training_mode == "episodic"
+    check_start(args, learner, spec, out, episodic)
+    episodes = episodic_training(args) if episodic and not args.eval_only else None
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(args, out / (EVAL_CONFIG if args.eval_only else CONFIG))
+    summary = {} if args.eval_only else train(args, learner, spec, out, episodes)
+    learner.eval()
+    result = evaluate(
+        learner,
+        test_episodes,
+        device=args.device,
+        progress=not args.no_progress,
+        total=args.test_episodes,
+        batch=args.eval_batch,
+    )
+    record = result_record(result, **run_metadata(args, learner, started), **summary)
     result_path = out / (EVAL_RESULT if args.eval_only else RESULT)
     write_json(result_path, record)
     print(

@@ -34,8 +34,10 @@ from fewshot.cli.common import (
     check_at_least,
     check_number,
     check_out_folder,
+    check_seeds,
 )
 from fewshot.config import cli_main, parse_args_with_config, save_config, to_yaml_value
+from fewshot.data import list_datasets
 from fewshot.io import write_json
 from fewshot.training.checkpoint import ModelSpec, check_model_spec, load_checkpoint, load_model_state
 from fewshot.training.run_folder import CONFIG, LAST, RESULT
@@ -76,10 +78,15 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--dataset",
         required=True,
-        help="cifar10, cifar100, imagenet, imagefolder, tinyimagenet, or a few-shot dataset "
-        "(miniimagenet, glyphs: its base classes)",
+        choices=list_datasets(),
+        help="a registered dataset; the few-shot ones (miniimagenet, glyphs) give their base classes",
     )
-    d.add_argument("--data-root", default=None, help="dataset folder (CIFAR: holding cifar-10-batches-py/)")
+    d.add_argument(
+        "--data-root",
+        default=None,
+        help="dataset folder (CIFAR: holding cifar-10-batches-py/); glyphs: where the rendered glyphs are cached "
+        "(default $FEWSHOT_CACHE or ~/.cache/fewshot)",
+    )
     d.add_argument("--image-size", type=int, default=None, help="default: the dataset's (32, 224, 64, 84, 28)")
     d.add_argument(
         "--holdout",
@@ -174,6 +181,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_number(args, "label_smoothing", strict=False, below=1.0)
     check_at_least(args, ("epochs", "batch_size"))
     check_at_least(args, ("workers",), minimum=0)
+    check_seeds(args, ("seed",))
     # The model as built: its group size may belong to the scope it grows into (--expand-scope g-*).
     grows_into_groups = args.expand_scope in GROUPED_SCOPES and args.acdc not in GROUPED_SCOPES
     cli_rules = {"style": "cli"}
@@ -294,93 +302,128 @@ def default_out(args: argparse.Namespace) -> str:
     return str(Path("runs") / "pretrain" / f"{args.dataset}_{args.backbone}_{acdc}")
 
 
+def loop_config(args: argparse.Namespace):
+    """``fit``'s LoopConfig from the flags."""
+    from fewshot.training.supervised import LoopConfig
+
+    return LoopConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        workers=args.workers,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        sync_batchnorm=args.sync_batchnorm,
+        seed=args.seed,
+        label_smoothing=args.label_smoothing,
+        eval_every=args.eval_every,
+        save_every_steps=args.save_every_steps,
+        stop_at_step=args.stop_at_step or None,
+        progress=not args.no_progress,
+    )
+
+
+def optim_config(args: argparse.Namespace):
+    """``fit``'s OptimConfig from the flags."""
+    from fewshot.training.optim import OptimConfig
+
+    return OptimConfig(
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        nesterov=args.nesterov,
+        schedule=args.schedule,
+        milestones=tuple(args.milestones or ()),
+        gamma=args.gamma,
+        step_size=args.step_size,
+    )
+
+
+def prepare_model(args: argparse.Namespace, data, out: Path) -> tuple[torch.nn.Module, ModelSpec, list[str]]:
+    """The model to train, its ``ModelSpec`` and notes for the user; checks ``--out`` (nothing is written)."""
+    from fewshot.training.models import build_model, expand_model
+
+    kwargs = backbone_kwargs(args, data.channels, data.image_size)
+    built, spec = model_specs(args, data.num_classes, kwargs)
+    torch.manual_seed(args.seed)
+    model = build_model(built, atom_drop=args.atom_drop)
+    check_out_folder(out, args.resume, out / LAST, out / RESULT)
+    if args.init_from and args.resume:
+        notes = [f"--init-from {args.init_from} is not loaded: --resume ({out / LAST}) restores every weight"]
+    else:
+        notes = init_from(model, args.init_from, built) if args.init_from else []
+    if spec is not built:
+        model = expand_model(model, spec.acdc, spec.atoms)
+    return model, spec, notes
+
+
+def results_record(
+    args: argparse.Namespace, data, spec: ModelSpec, model, info, final: dict[str, Any]
+) -> dict[str, Any]:
+    """``result.json``: the run's data, model and settings, then ``fit``'s metrics."""
+    from fewshot.acdc import count_parameters
+
+    return {
+        "dataset": data.name,
+        "backbone": spec.backbone,
+        "acdc": spec.acdc or "none",
+        "atoms": spec.atoms,
+        "group_size": spec.group_size,
+        "backbone_kwargs": spec.kwargs,
+        "expanded_from": spec.expanded_from,
+        "num_classes": data.num_classes,
+        "train_images": len(data.train),
+        "val_images": 0 if data.val is None else len(data.val),
+        "image_size": data.image_size,
+        "parameters": count_parameters(model),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "world_size": info.world_size,
+        "device": str(info.device),
+        "amp": args.amp,
+        "seed": args.seed,
+        **final,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything after parsing; returns the results dict (also written by rank 0)."""
-    from fewshot.acdc import count_parameters
     from fewshot.data.classification import load_classification_data
     from fewshot.training.distributed import cleanup_distributed, setup_distributed
-    from fewshot.training.supervised import LoopConfig, OptimConfig, build_model, expand_model, fit
+    from fewshot.training.supervised import fit
 
     check_args(args)
     started = time.perf_counter()
     info = setup_distributed(args.device)
     try:
+        augment = args.augment == "standard"
         data = load_classification_data(
-            args.dataset,
-            args.data_root,
-            image_size=args.image_size,
-            augment=args.augment == "standard",
-            holdout=args.holdout,
+            args.dataset, args.data_root, image_size=args.image_size, augment=augment, holdout=args.holdout
         )
-        kwargs = backbone_kwargs(args, data.channels, data.image_size)
-        built, spec = model_specs(args, data.num_classes, kwargs)
-        torch.manual_seed(args.seed)
-        model = build_model(built, atom_drop=args.atom_drop)
         out = Path(args.out or default_out(args))
         args.out = str(out)
-        check_out_folder(out, args.resume, out / LAST, out / RESULT)
-        resume = out / LAST if args.resume else None
-        if args.init_from and args.resume:
-            notes = [f"--init-from {args.init_from} is not loaded: --resume ({resume}) restores every weight"]
-        else:
-            notes = init_from(model, args.init_from, built) if args.init_from else []
-        if spec is not built:
-            model = expand_model(model, spec.acdc, spec.atoms)
+        model, spec, notes = prepare_model(args, data, out)
         config = {k: to_yaml_value(v) for k, v in vars(args).items() if k != "config"}
         if info.is_main:
             save_config(args, out / CONFIG)
             for note in notes:
                 print(f"note: {note}", file=sys.stderr)
-        loop = LoopConfig(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            eval_batch_size=args.eval_batch_size,
-            workers=args.workers,
-            amp=args.amp,
-            channels_last=args.channels_last,
-            compile=args.compile,
-            sync_batchnorm=args.sync_batchnorm,
-            seed=args.seed,
-            label_smoothing=args.label_smoothing,
-            eval_every=args.eval_every,
-            save_every_steps=args.save_every_steps,
-            stop_at_step=args.stop_at_step or None,
-            progress=not args.no_progress,
-        )
-        optim = OptimConfig(
-            optimizer=args.optimizer,
-            lr=args.lr,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            nesterov=args.nesterov,
-            schedule=args.schedule,
-            milestones=tuple(args.milestones or ()),
-            gamma=args.gamma,
-            step_size=args.step_size,
-        )
+        resume = out / LAST if args.resume else None
         final = fit(
-            model, data, optim, loop, info=info, run_dir=out, meta=spec, resume=resume, extra={"config": config}
+            model,
+            data,
+            optim_config(args),
+            loop_config(args),
+            info=info,
+            run_dir=out,
+            meta=spec,
+            resume=resume,
+            extra={"config": config},
         )
         results = {
-            "dataset": data.name,
-            "backbone": spec.backbone,
-            "acdc": spec.acdc or "none",
-            "atoms": spec.atoms,
-            "group_size": spec.group_size,
-            "backbone_kwargs": spec.kwargs,
-            "expanded_from": spec.expanded_from,
-            "num_classes": data.num_classes,
-            "train_images": len(data.train),
-            "val_images": 0 if data.val is None else len(data.val),
-            "image_size": data.image_size,
-            "parameters": count_parameters(model),
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "world_size": info.world_size,
-            "device": str(info.device),
-            "amp": args.amp,
-            "seed": args.seed,
-            **final,
+            **results_record(args, data, spec, model, info, final),
             "wall_seconds": time.perf_counter() - started,
         }
         if info.is_main:

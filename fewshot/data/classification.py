@@ -14,8 +14,11 @@ Datasets:
   ``cifar-100-python/`` under ``root``, or ``root`` itself); read directly, never downloaded.
 - ``imagefolder`` / ``imagenet`` / ``tinyimagenet``: ``root/train/<class>/*`` and ``root/val/<class>/*``
   (TinyImageNet's original ``val/images`` + ``val/val_annotations.txt`` is read too).
-- any dataset of ``fewshot.data.create_dataset`` (e.g. ``miniimagenet``, ``glyphs``): its ``train``
-  split (the base classes), with a held-out fraction of every class as the validation set.
+- any few-shot dataset of the registry (``fewshot.data.list_datasets(few_shot=True)``: ``miniimagenet``,
+  ``glyphs``): its ``train`` split (the base classes), with a held-out fraction of every class as the
+  validation set.
+
+Every name is registered in ``fewshot.data.factory`` (``list_datasets()``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ __all__ = [
     "EpochSampler",
     "ShardSampler",
     "Normalizer",
-    "CLASSIFICATION_DATASETS",
     "read_cifar",
     "read_image_folder",
     "load_classification_data",
@@ -57,7 +59,6 @@ CIFAR_STATS = {
 # normalized the same way.
 IMAGENET_STATS = (IMAGENET_MEAN, IMAGENET_STD)
 GLYPHS_STATS = (GLYPHS_MEAN, GLYPHS_STD)
-CLASSIFICATION_DATASETS = ("cifar10", "cifar100", "imagefolder", "imagenet", "tinyimagenet")
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -455,15 +456,27 @@ def load_classification_data(
     augment: bool = True,
     holdout: float | None = None,
 ) -> ClassificationData:
-    """The dataset ``name`` for supervised training; see the module docstring for names and layouts.
+    """The registered dataset ``name`` (``fewshot.data.list_datasets()``) for supervised training; see the
+    module docstring for names and layouts.
 
     ``image_size`` defaults to the dataset's own (32 CIFAR, 224 ImageNet, 64 TinyImageNet, the
     few-shot dataset's default otherwise). ``holdout`` (few-shot datasets only, default 0.05) is the
     fraction of every base class held out for validation.
     """
-    name = name.lower()
+    from fewshot.data.factory import dataset_entry
+
+    entry = dataset_entry(name)
+    if entry.few_shot:
+        return _fewshot_base_classes(entry.name, root, image_size, augment, 0.05 if holdout is None else holdout)
+    _no_holdout(entry.name, holdout)
+    return entry.classification(root, image_size, augment)
+
+
+def read_supervised_dataset(
+    name: str, root: str | Path | None, image_size: int | None, augment: bool
+) -> ClassificationData:
+    """A dataset with its own training and validation images: CIFAR-10/100 or an ImageFolder tree."""
     if name in ("cifar10", "cifar100"):
-        _no_holdout(name, holdout)
         if root is None:
             raise ValueError(f"--data-root is required for {name} (the folder holding {_cifar_layout(name)[0]}/)")
         if image_size not in (None, 32):
@@ -472,17 +485,14 @@ def load_classification_data(
         t_train, t_eval = cifar_transforms(augment)
         mean, std = CIFAR_STATS[name]
         return ClassificationData(name, train, val, train.classes, 32, 3, mean, std, t_train, t_eval, str(root))
-    if name in ("imagefolder", "imagenet", "tinyimagenet"):
-        _no_holdout(name, holdout)
-        if root is None:
-            raise ValueError(f"--data-root is required for {name} (a folder with train/<class>/ and val/<class>/)")
-        train = read_image_folder(root, "train")
-        val = read_image_folder(root, "val", train.classes)
-        size = image_size or (64 if name == "tinyimagenet" else 224)
-        t_train, t_eval = imagenet_transforms(size, augment)
-        mean, std = IMAGENET_STATS
-        return ClassificationData(name, train, val, train.classes, size, 3, mean, std, t_train, t_eval, str(root))
-    return _fewshot_base_classes(name, root, image_size, augment, 0.05 if holdout is None else holdout)
+    if root is None:
+        raise ValueError(f"--data-root is required for {name} (a folder with train/<class>/ and val/<class>/)")
+    train = read_image_folder(root, "train")
+    val = read_image_folder(root, "val", train.classes)
+    size = image_size or (64 if name == "tinyimagenet" else 224)
+    t_train, t_eval = imagenet_transforms(size, augment)
+    mean, std = IMAGENET_STATS
+    return ClassificationData(name, train, val, train.classes, size, 3, mean, std, t_train, t_eval, str(root))
 
 
 def _no_holdout(name: str, holdout: float | None) -> None:
@@ -493,11 +503,8 @@ def _no_holdout(name: str, holdout: float | None) -> None:
 def _fewshot_base_classes(
     name: str, root: str | Path | None, image_size: int | None, augment: bool, holdout: float
 ) -> ClassificationData:
-    from fewshot.data import create_dataset, list_datasets
+    from fewshot.data import create_dataset
 
-    if name not in list_datasets():
-        valid = ", ".join(list(CLASSIFICATION_DATASETS) + list(list_datasets()))
-        raise ValueError(f"unknown dataset {name!r}; valid: {valid}")
     kwargs: dict[str, Any] = {} if image_size is None else {"image_size": image_size}
     base = create_dataset(name, "train", root=root, **kwargs)
     classes = [str(c) for c in base.classes]

@@ -276,10 +276,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes), not a saved checkpoint")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
-        raise ValueError(f"checkpoint {str(path)!r} cannot be loaded with weights_only=True: {exc}") from None
+        text = str(exc).strip()
+        if "WeightsUnpickler error:" in text:  # torch's long advice around it: keep the reason itself
+            text = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0]
+        reason = " ".join(text.split()) or f"{type(exc).__name__} (the file is truncated or not a torch file)"
+        raise ValueError(f"checkpoint {str(path)!r} cannot be loaded with weights_only=True: {reason}") from None
     if isinstance(data, dict) and data.get("format") == FORMAT:
         if data.get("version", 0) > VERSION:
             raise ValueError(

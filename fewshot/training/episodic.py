@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fewshot.data.episode import Episode
-from fewshot.evaluation import episode_accuracy, evaluate
+from fewshot.evaluation import EvaluationResult, episode_accuracy, evaluate
 from fewshot.learners.base import Learner
 from fewshot.training.budget import check_train_seconds
 from fewshot.training.checkpoint import (
@@ -103,6 +103,101 @@ def _as_list(batch: list[Episode]) -> list[Episode]:
     return batch
 
 
+@dataclass
+class _Progress:
+    """Where meta-training stands: meta-steps done, the best validation so far, training seconds (a
+    resumed run's earlier part included)."""
+
+    step: int = 0
+    best_acc: float = float("-inf")
+    best_step: int = -1
+    seconds: float = 0.0
+
+
+def _resume(path: Path, learner: Learner, optimizer: torch.optim.Optimizer, spec: ModelSpec, device) -> _Progress:
+    """Load ``last.pt`` into the learner, the optimizer and the RNGs (checked against ``spec``)."""
+    state = load_checkpoint(path, map_location=device)
+    check_model_spec(state.get("meta"), spec, path)
+    load_model_state(learner, state["model"], source=str(path))
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng_state(state["rng"][0])
+    saved = state["progress"]
+    return _Progress(saved["step"], saved["best_val_acc"], saved["best_step"], float(saved.get("train_seconds", 0.0)))
+
+
+def _meta_step(
+    learner: Learner, optimizer: torch.optim.Optimizer, batch: list[Episode], lr: float, step: int, run: _Run
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One meta-update at step size ``lr``; a non-finite loss stops training before the parameters change."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss, logits = learner.backward_batch(batch)
+    if not torch.isfinite(loss):  # before the step: the parameters (and last.pt, best.pt) stay good
+        raise FloatingPointError(
+            f"the training loss became {loss.item()} at meta-step {step}; stopped without updating the "
+            f"parameters: {run.out / LAST} holds the last validated ones. Lower --lr (now {run.schedule.lr:g}) or "
+            "the inner step size, then continue with --resume or start again"
+        )
+    optimizer.step()
+    return loss, logits
+
+
+def _batches(train_episodes: Sequence[Episode], schedule: EpisodicSchedule, start: int) -> DataLoader:
+    """The meta-batches from meta-step ``start`` on, produced by ``schedule.num_workers`` workers."""
+    return DataLoader(
+        _MetaBatches(train_episodes, schedule.meta_batch, start, schedule.meta_steps),
+        batch_size=None,
+        num_workers=schedule.num_workers,
+        collate_fn=_as_list,
+        # Its own generator: creating the iterator must not draw from the global RNG (exact resume).
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+@dataclass
+class _Run:
+    """What one meta-training run saves: the learner, its optimizer and progress, into ``out``."""
+
+    out: Path
+    learner: Learner
+    optimizer: torch.optim.Optimizer
+    state: _Progress
+    spec: ModelSpec
+    schedule: EpisodicSchedule
+    config: dict[str, Any]
+
+    def save(self, name: str, step: int, seconds: float) -> None:
+        """``last.pt`` or ``best.pt`` at meta-step ``step`` after ``seconds`` of training."""
+        progress = {"step": step, "best_val_acc": self.state.best_acc, "best_step": self.state.best_step}
+        save_checkpoint(
+            self.out / name,
+            model=self.learner,
+            meta=self.spec,
+            optimizer=self.optimizer.state_dict(),
+            progress={**progress, "train_seconds": seconds},
+            rng=[capture_rng_state()],
+            config=self.config,
+            schedule=asdict(self.schedule),
+        )
+
+    def validate(self, episodes: Sequence[Episode], step: int, seconds: float, device) -> EvaluationResult:
+        """Accuracy on the validation episodes; saves ``best.pt`` when it is the best so far, and ``last.pt``."""
+        self.learner.eval()
+        val = evaluate(self.learner, episodes, device=device, progress=False, batch=self.schedule.eval_batch)
+        if val.mean > self.state.best_acc:
+            self.state.best_acc, self.state.best_step = val.mean, step
+            self.save(BEST, step, seconds)
+        self.save(LAST, step, seconds)
+        return val
+
+
+def _step_record(step: int, loss: torch.Tensor, logits: list, batch: list[Episode], seconds: float) -> dict[str, Any]:
+    """The log record of one meta-step: its loss, the mean query accuracy of its episodes, the seconds so far."""
+    acc = sum(episode_accuracy(lg, e.query_labels) for lg, e in zip(logits, batch)) / len(batch)
+    return {"step": step, "loss": round(loss.item(), 6), "train_acc": round(acc, 3), "seconds": round(seconds, 2)}
+
+
 def train_episodic(
     learner: Learner,
     train_episodes: Sequence[Episode],
@@ -126,78 +221,30 @@ def train_episodic(
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     optimizer = torch.optim.Adam(learner.parameters(), lr=schedule.lr)
-    start, best_acc, best_step, seconds_before = 0, float("-inf"), -1, 0.0
-    if resume:
-        state = load_checkpoint(out / LAST, map_location=device)
-        check_model_spec(state.get("meta"), spec, out / LAST)
-        load_model_state(learner, state["model"], source=str(out / LAST))
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["progress"]["step"]
-        best_acc, best_step = state["progress"]["best_val_acc"], state["progress"]["best_step"]
-        seconds_before = float(state["progress"].get("train_seconds", 0.0))
-        restore_rng_state(state["rng"][0])
+    state = _resume(out / LAST, learner, optimizer, spec, device) if resume else _Progress()
+    run = _Run(out, learner, optimizer, state, spec, schedule, config or {})
+    start, seconds_before = state.step, state.seconds
     log = JsonlLog(out / LOG)
     log.start(start if resume else None)
-
-    def checkpoint(path: Path, step: int, seconds: float) -> None:
-        save_checkpoint(
-            path,
-            model=learner,
-            meta=spec,
-            optimizer=optimizer.state_dict(),
-            progress={"step": step, "best_val_acc": best_acc, "best_step": best_step, "train_seconds": seconds},
-            rng=[capture_rng_state()],
-            config=config or {},
-            schedule=asdict(schedule),
-        )
-
-    loader = DataLoader(
-        _MetaBatches(train_episodes, schedule.meta_batch, start, schedule.meta_steps),
-        batch_size=None,
-        num_workers=schedule.num_workers,
-        collate_fn=_as_list,
-        # Its own generator: creating the iterator must not draw from the global RNG (exact resume).
-        generator=torch.Generator().manual_seed(0),
-    )
     started = time.perf_counter()
-    bar = tqdm(loader, initial=start, total=schedule.meta_steps, desc="meta-train", disable=not progress)
+    batches = _batches(train_episodes, schedule, start)
+    bar = tqdm(batches, initial=start, total=schedule.meta_steps, desc="meta-train", disable=not progress)
     step, stopped_by, seconds = start, "meta_steps", seconds_before
     for step, batch in enumerate(bar, start=start + 1):
         learner.train()
         batch = [e.to(device) for e in batch]
         lr = schedule.learning_rate(step - 1, seconds_before + time.perf_counter() - started)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss, logits = learner.backward_batch(batch)
-        if not torch.isfinite(loss):  # before the step: the parameters (and last.pt, best.pt) stay good
-            raise FloatingPointError(
-                f"the training loss became {loss.item()} at meta-step {step}; stopped without updating the "
-                f"parameters: {out / LAST} holds the last validated ones. Lower --lr (now {schedule.lr:g}) or "
-                "the inner step size, then continue with --resume or start again"
-            )
-        optimizer.step()
+        loss, logits = _meta_step(learner, optimizer, batch, lr, step, run)
         seconds = seconds_before + time.perf_counter() - started
         out_of_time = schedule.train_seconds is not None and seconds >= schedule.train_seconds
-        acc = sum(episode_accuracy(lg, e.query_labels) for lg, e in zip(logits, batch)) / len(batch)
-        record: dict[str, Any] = {
-            "step": step,
-            "loss": round(loss.item(), 6),
-            "train_acc": round(acc, 3),
-            "seconds": round(seconds, 2),
-        }
+        record = _step_record(step, loss, logits, batch, seconds)
         if schedule.lr_schedule != "constant":
             record["lr"] = lr
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.1f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{record['train_acc']:.1f}")
         if out_of_time or step == schedule.meta_steps or (schedule.val_every and step % schedule.val_every == 0):
-            learner.eval()
-            val = evaluate(learner, val_episodes, device=device, progress=False, batch=schedule.eval_batch)
+            val = run.validate(val_episodes, step, seconds, device)
             record.update(val_acc=round(val.mean, 4), val_ci95=round(val.ci95, 4))
-            if val.mean > best_acc:
-                best_acc, best_step = val.mean, step
-                checkpoint(out / BEST, step, seconds)
-            checkpoint(out / LAST, step, seconds)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.1f}", val=f"{val.mean:.1f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{record['train_acc']:.1f}", val=f"{val.mean:.1f}")
         log.write(record)
         if out_of_time and step < schedule.meta_steps:
             stopped_by = "train_seconds"
@@ -207,7 +254,7 @@ def train_episodic(
         "meta_steps": step,
         "meta_steps_planned": schedule.meta_steps,
         "stopped_by": stopped_by,
-        "best_val_acc": best_acc,
-        "best_step": best_step,
+        "best_val_acc": state.best_acc,
+        "best_step": state.best_step,
         "train_seconds": round(seconds, 2),
     }
