@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fewshot.backbones.base import Backbone, check_int, halved, init_weights
+from fewshot.backbones.base import Backbone, check_int, init_weights
 from fewshot.backbones.registry import register_backbone
 
 
@@ -32,6 +32,7 @@ class Conv4(Backbone):
     # (padding, max-pool) of the four blocks
     blocks: tuple[tuple[int, bool], ...] = ((1, True),) * 4
     min_image_size = 16
+    size_rule = "four 2x2 max-pools"
 
     def __init__(self, num_classes: int = 0, *, image_size: int = 84, width: int = 64, in_channels: int = 3) -> None:
         super().__init__()
@@ -47,11 +48,14 @@ class Conv4(Backbone):
         init_weights(self)
         self._add_head(num_classes)
 
-    size_rule = "four 2x2 max-pools"
-
     def map_side(self) -> int:
-        """Side of the last feature map for ``self.image_size`` images."""
-        return halved(self.image_size, 4, ceil=False)
+        """Side of the last feature map for ``self.image_size`` images: each 3x3 conv changes the side by
+        ``2 * padding - 2``, each 2x2 max-pool halves it (floor)."""
+        side = self.image_size
+        for padding, pool in self.blocks:
+            side += 2 * padding - 2
+            side = side // 2 if pool else side
+        return side
 
     def forward_map(self, x: Tensor) -> Tensor:
         """The output of the fourth block, ``(batch, width, side, side)`` (``feature_map_shape``)."""
@@ -86,9 +90,6 @@ class Conv4NoPool(Conv4):
     blocks = ((0, True), (0, True), (1, False), (1, False))
     min_image_size = 10
     size_rule = "two unpadded convs and 2x2 max-pools"
-
-    def map_side(self) -> int:
-        return ((self.image_size - 2) // 2 - 2) // 2
 
 
 @register_backbone("conv4", fewshot=True)

@@ -469,17 +469,16 @@ def load_classification_data(
     if entry.few_shot:
         return _fewshot_base_classes(entry.name, root, image_size, augment, 0.05 if holdout is None else holdout)
     _no_holdout(entry.name, holdout)
-    return entry.classification(root, image_size, augment)
+    return entry.classification(root, entry.image_size if image_size is None else image_size, augment)
 
 
-def read_supervised_dataset(
-    name: str, root: str | Path | None, image_size: int | None, augment: bool
-) -> ClassificationData:
-    """A dataset with its own training and validation images: CIFAR-10/100 or an ImageFolder tree."""
+def read_supervised_dataset(name: str, root: str | Path | None, image_size: int, augment: bool) -> ClassificationData:
+    """A dataset with its own training and validation images, at ``image_size`` (its registry default unless
+    given): CIFAR-10/100 or an ImageFolder tree."""
     if name in ("cifar10", "cifar100"):
         if root is None:
             raise ValueError(f"--data-root is required for {name} (the folder holding {_cifar_layout(name)[0]}/)")
-        if image_size not in (None, 32):
+        if image_size != 32:
             raise ValueError(f"{name} images are 32x32; --image-size {image_size} is not supported (leave it out)")
         train, val = read_cifar(root, name, True), read_cifar(root, name, False)
         t_train, t_eval = cifar_transforms(augment)
@@ -489,10 +488,9 @@ def read_supervised_dataset(
         raise ValueError(f"--data-root is required for {name} (a folder with train/<class>/ and val/<class>/)")
     train = read_image_folder(root, "train")
     val = read_image_folder(root, "val", train.classes)
-    size = image_size or (64 if name == "tinyimagenet" else 224)
-    t_train, t_eval = imagenet_transforms(size, augment)
+    t_train, t_eval = imagenet_transforms(image_size, augment)
     mean, std = IMAGENET_STATS
-    return ClassificationData(name, train, val, train.classes, size, 3, mean, std, t_train, t_eval, str(root))
+    return ClassificationData(name, train, val, train.classes, image_size, 3, mean, std, t_train, t_eval, str(root))
 
 
 def _no_holdout(name: str, holdout: float | None) -> None:

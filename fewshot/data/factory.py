@@ -120,7 +120,7 @@ def _miniimagenet(split: str, root, image_size: int, transform, **kwargs: Any) -
 def _own_data(name: str) -> Callable[..., Any]:
     """The ``classification`` builder of a dataset for supervised training (``fewshot.data.classification``)."""
 
-    def build(root, image_size: int | None, augment: bool):
+    def build(root, image_size: int, augment: bool):
         from fewshot.data.classification import read_supervised_dataset
 
         return read_supervised_dataset(name, root, image_size, augment)

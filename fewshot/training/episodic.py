@@ -125,24 +125,6 @@ def _resume(path: Path, learner: Learner, optimizer: torch.optim.Optimizer, spec
     return _Progress(saved["step"], saved["best_val_acc"], saved["best_step"], float(saved.get("train_seconds", 0.0)))
 
 
-def _meta_step(
-    learner: Learner, optimizer: torch.optim.Optimizer, batch: list[Episode], lr: float, step: int, run: _Run
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One meta-update at step size ``lr``; a non-finite loss stops training before the parameters change."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    loss, logits = learner.backward_batch(batch)
-    if not torch.isfinite(loss):  # before the step: the parameters (and last.pt, best.pt) stay good
-        raise FloatingPointError(
-            f"the training loss became {loss.item()} at meta-step {step}; stopped without updating the "
-            f"parameters: {run.out / LAST} holds the last validated ones. Lower --lr (now {run.schedule.lr:g}) or "
-            "the inner step size, then continue with --resume or start again"
-        )
-    optimizer.step()
-    return loss, logits
-
-
 def _batches(train_episodes: Sequence[Episode], schedule: EpisodicSchedule, start: int) -> DataLoader:
     """The meta-batches from meta-step ``start`` on, produced by ``schedule.num_workers`` workers."""
     return DataLoader(
@@ -180,6 +162,21 @@ class _Run:
             config=self.config,
             schedule=asdict(self.schedule),
         )
+
+    def meta_step(self, batch: list[Episode], lr: float, step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One meta-update at step size ``lr``; a non-finite loss stops training before the parameters change."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logits = self.learner.backward_batch(batch)
+        if not torch.isfinite(loss):  # before the step: the parameters (and last.pt, best.pt) stay good
+            raise FloatingPointError(
+                f"the training loss became {loss.item()} at meta-step {step}; stopped without updating the "
+                f"parameters: {self.out / LAST} holds the last validated ones. Lower --lr (now "
+                f"{self.schedule.lr:g}) or the inner step size, then continue with --resume or start again"
+            )
+        self.optimizer.step()
+        return loss, logits
 
     def validate(self, episodes: Sequence[Episode], step: int, seconds: float, device) -> EvaluationResult:
         """Accuracy on the validation episodes; saves ``best.pt`` when it is the best so far, and ``last.pt``."""
@@ -234,7 +231,7 @@ def train_episodic(
         learner.train()
         batch = [e.to(device) for e in batch]
         lr = schedule.learning_rate(step - 1, seconds_before + time.perf_counter() - started)
-        loss, logits = _meta_step(learner, optimizer, batch, lr, step, run)
+        loss, logits = run.meta_step(batch, lr, step)
         seconds = seconds_before + time.perf_counter() - started
         out_of_time = schedule.train_seconds is not None and seconds >= schedule.train_seconds
         record = _step_record(step, loss, logits, batch, seconds)
