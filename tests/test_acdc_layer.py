@@ -314,3 +314,25 @@ def test_auto_builds_the_kernel_under_vmap():
 
     torch.func.vmap(record)(x.expand(3, -1, -1, -1)[:, None])
     assert choices == [False]
+
+
+@pytest.mark.parametrize("evaluation", ["kernel", "two-stage"])
+@pytest.mark.parametrize("scope", ["net", "block", "layer", "g-net", "g-block", "g-layer"])
+@pytest.mark.parametrize("backbone", ["conv4", "resnet10"])
+def test_parameter_gradients_are_contiguous(backbone: str, scope: str, evaluation: str) -> None:
+    """Meta-learners written for dense nets (learn2learn's GBML) call .view on parameter gradients."""
+    from fewshot.backbones import create_backbone
+
+    options = {"image_size": 16} if backbone == "conv4" else {"width": 4, "stem": "small"}
+    if scope.startswith("g-"):
+        options["group_size"] = 4
+    torch.manual_seed(0)
+    model = create_backbone(backbone, acdc=scope, atoms=3, **options)
+    for layer in model.modules():
+        if isinstance(layer, ACDCConv2d):
+            layer.evaluation = evaluation
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(model(torch.randn(2, 3, 16, 16)).square().sum(), list(params.values()))
+    assert len(grads) == len(params) and any(n.endswith(".atoms") for n in params)
+    noncontiguous = [n for n, g in zip(params, grads) if not g.is_contiguous()]
+    assert noncontiguous == []

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +140,24 @@ def init_atoms_(atoms: Tensor) -> Tensor:
         for d in flat:  # one m x l^2 matrix per layer (per group for grouped layers)
             nn.init.orthogonal_(d)
     return atoms
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity whose backward makes the incoming gradient contiguous (vmap- and twice-differentiable)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
 
 
 def _reversed_padding(padding: _PaddingArg, kernel_size: tuple[int, int], dilation: tuple[int, int]) -> list[int]:
@@ -357,7 +376,9 @@ class ACDCConv2d(nn.Module):
             m = d.shape[0]
             rebuilt = d.reshape(m, kh * kw).t() @ a.reshape(-1, m).t()
             return rebuilt.view(kh, kw, a.shape[0], a.shape[1]).permute(2, 3, 0, 1)
-        w = torch.einsum("oik,gkhw->goihw", a, d)
+        # The einsum alone hands back a permuted gradient for the atoms; learn2learn's GBML, for one,
+        # calls .view on parameter gradients, so they are made contiguous (an identity forward).
+        w = torch.einsum("oik,gkhw->goihw", a, _ContiguousGrad.apply(d))
         return w.reshape(self.out_channels, a.shape[1], *self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
