@@ -1,5 +1,6 @@
-"""``fewshot.params``: every published row agrees, the counts match a closed-form count from the rules of
-the paper's conventions, multiply-adds match an analytic count, and the command's exit status."""
+"""``fewshot.params``: every published figure is listed, every must-match row agrees, every explained row
+is off with the reason it prints, the counts match a closed-form count from the rules of the paper's
+conventions, multiply-adds match an analytic count, and the command's exit status."""
 
 from __future__ import annotations
 
@@ -12,16 +13,71 @@ from torch import nn
 import fewshot.params as P
 from fewshot.backbones import create_backbone
 
+PUBLISHED_PER_TABLE = {"1": 33, "2": 8, "C": 3, "3": 7, "4": 10}  # read off the paper, table by table
+PUBLISHED = sum(PUBLISHED_PER_TABLE.values())  # 61
+
 
 @pytest.fixture(scope="module")
 def rows() -> list[P.Row]:
-    return P.parameter_rows() + P.ratio_rows()
+    return P.compute_rows()
 
 
-def test_every_published_row_agrees(rows):
-    assert len(rows) == len(P.PARAM_SPECS) + len(P.RATIO_SPECS) == 31
-    bad = [(r.spec, r.ours) for r in rows if not r.ok]
-    assert bad == []
+def find(rows, table, backbone, acdc, m, s, kind=P.PARAMS) -> P.Row:
+    (row,) = [
+        r
+        for r in rows
+        if (r.figure.table, r.figure.backbone, r.figure.acdc, r.figure.atoms, r.figure.group_size, r.figure.kind)
+        == (table, backbone, acdc, m, s, kind)
+    ]
+    return row
+
+
+def test_every_published_figure_is_listed(rows):
+    assert len(rows) == len(P.FIGURES) == PUBLISHED == 61
+    tables = [r.figure.table for r in rows]
+    assert {t: tables.count(t) for t in PUBLISHED_PER_TABLE} == PUBLISHED_PER_TABLE
+
+
+def test_every_must_match_row_agrees_and_every_explained_row_is_off(rows):
+    must = [r for r in rows if r.figure.must_match]
+    assert len(must) == 45
+    assert [(r.figure, r.ours) for r in must if not r.ok] == []
+    explained = [r for r in rows if not r.figure.must_match]
+    assert [r.figure for r in explained if r.ok] == []
+    fits = [r for r in explained if r.figure.reason.startswith("fits")]
+    assert all(r.alternative is not None and r.alternative_ok for r in fits)
+    assert all(r.alternative is None for r in explained if r.figure.reason.startswith("misprint"))
+    assert all(r.as_expected for r in rows)
+
+
+def test_an_explained_row_prints_its_reason(rows):
+    row = find(rows, "3", "resnet50_imagenet", "block", 8, None)
+    assert (row.figure.paper, row.exact) == (16.37, 14_977_216)
+    assert P._note(row) == "fits m12 not m8: 16.370M ✓"
+    table_c = find(rows, "C", "wrn28_10", "net", 8, None)
+    assert P._note(table_c) == "fits with a 10-class head (the CIFAR-10 network's, as in Table 2): 3.562M ✓"
+
+
+@pytest.mark.parametrize(
+    "table, backbone, acdc, m, s, change, value",
+    [
+        ("1", "vgg16_cifar", "g-layer", 8, 32, {P.NO_BATCHNORM: True}, 0.11),  # VGG16 g-layer m16 s64's reading
+        ("1", "resnet18_cifar", "g-net", 16, 64, {P.GROUPED_POINTWISE: True}, 0.15),  # ResNet34 g-layer's
+        ("2", "wrn28_10", "net", 12, None, {"num_classes": 200}, 5.32),  # WRN-28-10 g-block's
+    ],
+)
+def test_the_readings_named_in_reasons_break_rows_that_fit(rows, table, backbone, acdc, m, s, change, value):
+    figure = find(rows, table, backbone, acdc, m, s).figure
+    assert round(P.count_figure_parameters(figure, **change) / 1e6, 2) == value
+    assert abs(value - figure.paper) > P.tolerance(P.PARAMS, figure.paper)
+
+
+def test_vgg_macs_reading_would_break_resnet18(rows):
+    for s, value in [(64, 0.589), (32, 0.300)]:
+        row = find(rows, "4", "resnet18_cifar", "g-net", 8, s, P.RATIO)
+        macs = P.figure_macs(row.figure, **{P.FIRST_CONV_READS_S: True})
+        assert macs == analytic_macs("resnet18_cifar", s) + 64 * (s - 3) * 9 * 64 * 64
+        assert round(macs / 2_221_675_520, 3) == value
 
 
 def closed_form_count(spec: P.Spec) -> int:
@@ -56,17 +112,25 @@ def closed_form_count(spec: P.Spec) -> int:
 
 
 @pytest.mark.parametrize(
-    "spec", P.PARAM_SPECS, ids=lambda s: f"{s.table}-{s.backbone}-{s.acdc}-m{s.atoms}-s{s.group_size}"
+    "spec",
+    [f for f in P.FIGURES if f.kind == P.PARAMS],
+    ids=lambda s: f"{s.table}-{s.backbone}-{s.acdc}-m{s.atoms}-s{s.group_size}",
 )
 def test_counts_follow_the_closed_form_rules(rows, spec):
-    row = next(r for r in rows if r.spec == spec)
+    row = next(r for r in rows if r.figure == spec)
     assert row.exact == closed_form_count(spec)
     assert row.ours == pytest.approx(row.exact / 1e6)
 
 
-def test_meta_and_cpu_builds_count_the_same():
-    spec = next(s for s in P.PARAM_SPECS if s.acdc == "g-net")
-    assert P.count_parameters(P.build(spec, "cpu")) == P.count_parameters(P.build(spec, "meta")) == 261_082
+def test_meta_and_cpu_builds_count_the_same(rows):
+    figure = find(rows, "1", "resnet18_cifar", "g-net", 16, 64).figure
+    assert P.count_figure_parameters(figure, "cpu") == P.count_figure_parameters(figure, "meta") == 261_082
+
+
+def test_pointwise_grouping_saving():
+    with torch.device("meta"):
+        model = create_backbone("resnet18_cifar")  # 1x1 shortcuts 64->128, 128->256, 256->512
+    assert P.pointwise_grouping_saving(model, 64) == 256 * 64 + 512 * 192
 
 
 def conv_output_sizes(model: nn.Module, image_size: int) -> dict[str, tuple[int, int]]:
@@ -108,9 +172,10 @@ def test_dense_resnet18_cifar_macs_match_the_papers_baseline():
     assert per_image * 100 / 1e9 == pytest.approx(222.4, rel=0.002)  # Table 4: 222.4B for 100 images
 
 
+@pytest.mark.parametrize("m", [8, 16])
 @pytest.mark.parametrize("s, paper", [(64, 0.525), (32, 0.270)])
-def test_grouped_macs_follow_the_layout_and_exclude_kernel_reconstruction(rows, s, paper):
-    row = next(r for r in rows if r.kind == "macs-ratio" and r.spec.group_size == s)
+def test_grouped_macs_follow_the_layout_and_exclude_kernel_reconstruction(rows, m, s, paper):
+    row = find(rows, "4", "resnet18_cifar", "g-net", m, s, P.RATIO)
     assert row.exact == analytic_macs("resnet18_cifar", s)
     assert row.ours == pytest.approx(row.exact / 2_221_675_520)
     assert row.ours == pytest.approx(paper, rel=0.02)
@@ -126,40 +191,51 @@ def test_count_macs_separates_the_kernel_reconstruction():
 
 
 def test_tolerances():
-    spec = P.PARAM_SPECS[0]
-    row = lambda paper, ours, kind="params": P.Row(dataclasses.replace(spec, paper=paper), kind, ours, 0)  # noqa: E731
+    figure = P.FIGURES[0]
+
+    def row(paper: float, ours: float, kind: str = P.PARAMS) -> P.Row:
+        return P.Row(dataclasses.replace(figure, paper=paper, kind=kind), ours, 0)
+
     assert row(0.26, 0.2699).ok and not row(0.26, 0.2701).ok  # 0.01M floor
     assert row(14.29, 14.43).ok and not row(14.29, 14.44).ok  # 1%
-    assert row(0.525, 0.535, "macs-ratio").ok and not row(0.525, 0.5365, "macs-ratio").ok  # 2%
+    assert row(0.525, 0.535, P.RATIO).ok and not row(0.525, 0.5365, P.RATIO).ok  # 2%
+    assert row(125.66, 128.17, P.MACS).ok and not row(125.66, 128.19, P.MACS).ok  # 2%
+
+
+SUMMARY = "45 of 61 published figures reproduced; 16 explained ✗"
 
 
 def test_main_prints_every_row_and_exits_zero(rows, monkeypatch, capsys):
-    monkeypatch.setattr(P, "parameter_rows", lambda device="meta": [r for r in rows if r.kind == "params"])
-    monkeypatch.setattr(P, "ratio_rows", lambda device="meta": [r for r in rows if r.kind == "macs-ratio"])
+    monkeypatch.setattr(P, "compute_rows", lambda device="meta": rows)
     assert P.main([]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["table", "network", "variant", "m", "s", "paper", "ours", "diff", "ok", "exact"]
-    assert len(out) == 1 + 31 + 2 and out[-1].startswith("31/31 rows agree with the paper")
-    assert "16,370,432  (printed as m8; the count fits m12)" in out[29]
-    assert out[1].split() == [
-        "1",
-        "VGG16",
-        "(CIFAR)",
-        "baseline",
-        "-",
-        "-",
-        "14.72M",
-        "14.724M",
-        "+0.004M",
-        "yes",
-        "14,724,042",
-    ]
+    assert out[0].split() == [*P.HEADER[:-1], "exact", "/", "reason"]
+    assert len(out) == 1 + 61 + 2 and out[-1].startswith(SUMMARY + " (tolerance")
+    first = "1 VGG16 (CIFAR) baseline - - 14.72M 14.724M +0.004M ✓ yes 14,724,042"
+    assert out[1].split() == first.split()
+    r50 = next(line for line in out if "ResNet50" in line and "ACDC-block" in line)
+    assert r50.split()[9:11] == ["✗", "no"] and r50.endswith("fits m12 not m8: 16.370M ✓")
+    assert sum(" ✗ " in line for line in out[1:-2]) == 16
 
 
-def test_main_exits_nonzero_when_a_row_is_off(rows, monkeypatch, capsys):
-    off = [dataclasses.replace(rows[0], spec=dataclasses.replace(rows[0].spec, paper=15.0))] + rows[1:]
-    monkeypatch.setattr(P, "parameter_rows", lambda device="meta": [r for r in off if r.kind == "params"])
-    monkeypatch.setattr(P, "ratio_rows", lambda device="meta": [r for r in off if r.kind == "macs-ratio"])
+def replace_paper(rows, index, paper):
+    return (
+        rows[:index]
+        + [dataclasses.replace(rows[index], figure=dataclasses.replace(rows[index].figure, paper=paper))]
+        + rows[index + 1 :]
+    )
+
+
+def test_main_exits_nonzero_when_a_must_match_row_is_off(rows, monkeypatch, capsys):
+    monkeypatch.setattr(P, "compute_rows", lambda device="meta": replace_paper(rows, 0, 15.0))
     assert P.main([]) == 1
     out = capsys.readouterr().out
-    assert " NO " in out.splitlines()[1] and "30/31 rows agree" in out
+    assert " ✗ " in out.splitlines()[1]
+    assert "44 of 61 published figures reproduced; 16 explained ✗; 1 not as expected" in out
+
+
+def test_main_exits_nonzero_when_an_explained_row_matches(rows, monkeypatch, capsys):
+    index = next(i for i, r in enumerate(rows) if r.figure.backbone == "resnet50_imagenet" and r.figure.acdc == "block")
+    monkeypatch.setattr(P, "compute_rows", lambda device="meta": replace_paper(rows, index, 14.98))
+    assert P.main([]) == 1
+    assert "46 of 61 published figures reproduced; 15 explained ✗; 1 not as expected" in capsys.readouterr().out
