@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from fewshot.data.episode import Episode
 from fewshot.learners.base import Learner
+from fewshot.training.distributed import DistInfo, all_gather_objects
 
 
 @dataclass
@@ -52,6 +53,7 @@ def evaluate(
     progress: bool = True,
     total: int | None = None,
     batch: int = 1,
+    info: DistInfo | None = None,
 ) -> EvaluationResult:
     """Accuracy of the learner's predictions on every episode, in order.
 
@@ -61,9 +63,32 @@ def evaluate(
     from one episode's, and a near-tie query can then flip (float64: equal to 1e-10, tested). The
     learner's train/eval mode is the caller's choice: each
     learner's ``predict`` decides how BatchNorm behaves (MAML transductively, as Chen et al.).
+
+    Under torchrun (``info.distributed``) rank ``r`` of ``W`` evaluates episodes ``r, r+W, r+2W, ...`` of
+    the indexable ``episodes`` and every rank gets all the accuracies, in episode order: the same result
+    as one process (with ``batch`` 1; with larger ones the groups differ, see above).
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    if info is None or not info.distributed:
+        accuracies = _accuracies(learner, episodes, device, batch, progress, total)
+    else:
+        if not (hasattr(episodes, "__len__") and hasattr(episodes, "__getitem__")):
+            raise TypeError("evaluation across processes needs an indexable episode source (an EpisodeSampler)")
+        n, world = len(episodes), info.world_size
+        mine = (episodes[i] for i in range(info.rank, n, world))
+        local = _accuracies(learner, mine, device, batch, progress and info.is_main, -(-n // world))
+        parts = all_gather_objects(local, info)
+        accuracies = [parts[i % world][i // world] for i in range(n)]
+    if not accuracies:
+        raise ValueError("no episodes to evaluate: the episode source was empty")
+    return EvaluationResult(accuracies)
+
+
+def _accuracies(
+    learner: Learner, episodes: Iterable[Episode], device: torch.device | str, batch: int, progress: bool, total
+) -> list[float]:
+    """Per-episode query accuracies, ``batch`` episodes at a time, with a progress bar showing the running CI."""
     accuracies: list[float] = []
     bar = tqdm(total=total, desc="evaluate", disable=not progress, leave=False)
     pending: list[Episode] = []
@@ -87,9 +112,7 @@ def evaluate(
     if pending:
         flush()
     bar.close()
-    if not accuracies:
-        raise ValueError("no episodes to evaluate: the episode source was empty")
-    return EvaluationResult(accuracies)
+    return accuracies
 
 
 def result_record(result: EvaluationResult, **metadata: Any) -> dict[str, Any]:

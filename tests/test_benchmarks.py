@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -596,10 +598,11 @@ def test_cuda_script_commands_parse() -> None:
     import shlex
 
     text = (BENCHMARKS / "cuda.sh").read_text().replace("\\\n", " ")
-    commands = [shlex.split(line)[1:] for line in text.splitlines() if line.startswith("python benchmarks/")]
-    assert [Path(c[0]).stem for c in commands] == ["maml_step", "evaluate", "acdc_overhead"]
+    lines = [line[line.index("python benchmarks/") :] for line in text.splitlines() if "python benchmarks/" in line]
+    commands = [shlex.split(line.split("; fi")[0])[1:] for line in lines]
+    assert [Path(c[0]).stem for c in commands] == ["maml_step", "evaluate", "acdc_overhead", "torchrun_scaling"]
     for script, *argv in commands:
-        args = load(Path(script).stem).parse([a.replace("$dest", "/tmp") for a in argv])
+        args = load(Path(script).stem).parse([a.replace("$dest", "/tmp").replace("$gpus", "2") for a in argv])
         assert args.device == "cuda"
         assert args.out.startswith("/tmp/")
 
@@ -848,3 +851,23 @@ def test_compare_methods_settings_are_the_committed_search_winners() -> None:
         assert (
             choice["settings"]["train_ways"] == 20 if method == "protonet" else "train_ways" not in choice["settings"]
         )
+
+
+# ------------------------------------------------------------------------------------------------ torchrun_scaling
+def test_torchrun_scaling_smoke_records_train_and_test_seconds(tmp_path: Path) -> None:
+    out = tmp_path / "scaling.json"
+    argv = ["--processes", "1", "--rounds", "1", "--meta-steps", "1", "--test-episodes", "3", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "torchrun_scaling.py"), *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    (run,) = payload["runs"]["1"]
+    assert run["meta_steps"] == 1 and run["train_seconds"] > 0 and run["test_seconds"] > 0
+    assert payload["speedup_over_fewest"]["1"] == {"train_seconds": 1.0, "test_seconds": 1.0}
+    with pytest.raises(SystemExit):
+        load("torchrun_scaling").parse(["--processes", "0"])

@@ -323,7 +323,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.image_size = dataset_entry(args.dataset).image_size
     if args.stem is not None and not args.backbone.startswith("resnet"):
         raise ValueError(f"--stem applies to the ResNet backbones, not --backbone {args.backbone}")
-    args.device = str(resolve_device(args.device))
+    resolve_device(args.device)  # a device this machine lacks is refused here; torchrun picks each rank's later
     if args.out is None:
         acdc = args.acdc if args.acdc == "none" else f"acdc-{args.acdc}-m{args.atoms}"
         args.out = str(Path("runs") / f"{args.dataset}_{args.method}_{args.backbone}_{acdc}_{args.ways}w{args.shots}s")
@@ -449,7 +449,7 @@ def episode_source(args: argparse.Namespace, split: str, episodes: int, seed: in
     return EpisodeSampler(dataset, ways, args.shots, queries, episodes, seed, transform=transform)
 
 
-def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path) -> dict[str, Any]:
+def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path, info) -> dict[str, Any]:
     """Baseline / Baseline++ training: supervised on the base (train) classes, Chen et al.'s recipe
     (Adam at --lr, batch 16, 400 epochs, standard augmentation), through the shared supervised loop.
 
@@ -457,7 +457,6 @@ def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path)
     upper bound). Returns the summary of the result record: epochs completed and planned, steps done and
     planned, ``stopped_by`` (``epochs`` or ``train_seconds``) and the seconds on the budget's clock."""
     from fewshot.data.classification import load_classification_data
-    from fewshot.training.distributed import DistInfo
     from fewshot.training.optim import OptimConfig
     from fewshot.training.supervised import LoopConfig, fit
 
@@ -478,7 +477,7 @@ def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path)
         data,
         optim,
         loop,
-        info=DistInfo(device=torch.device(args.device)),
+        info=info,
         run_dir=out / "pretrain",
         meta=spec,
         resume=resume,
@@ -540,15 +539,19 @@ def episodic_training(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return train_episodes, val_episodes, schedule
 
 
-def train(args: argparse.Namespace, learner, spec, out: Path, episodic: tuple[Any, Any, Any] | None) -> dict[str, Any]:
+def train(
+    args: argparse.Namespace, learner, spec, out: Path, episodic: tuple[Any, Any, Any] | None, info
+) -> dict[str, Any]:
     """Meta-train (``episodic``: episodes and schedule; ``best.pt`` is loaded back) or, for the Baselines,
-    train on the base classes; returns the training summary that goes into ``result.json``."""
+    train on the base classes; returns the training summary that goes into ``result.json``. Under
+    torchrun (``info``) every rank trains, rank 0 writes."""
     from fewshot.training.checkpoint import load_checkpoint, load_model_state, save_checkpoint
     from fewshot.training.episodic import train_episodic
 
     if episodic is None:
-        summary = pretrain_on_base_classes(learner, args, spec, out)
-        save_checkpoint(out / BEST, model=learner, meta=spec, config=vars(args))
+        summary = pretrain_on_base_classes(learner, args, spec, out, info)
+        if info.is_main:
+            save_checkpoint(out / BEST, model=learner, meta=spec, config=vars(args))
         return summary
     summary = train_episodic(
         learner,
@@ -559,6 +562,7 @@ def train(args: argparse.Namespace, learner, spec, out: Path, episodic: tuple[An
         device=args.device,
         resume=args.resume,
         progress=not args.no_progress,
+        info=info,
     )
     load_model_state(learner, load_checkpoint(out / BEST, map_location=args.device)["model"])
     return summary
@@ -589,9 +593,26 @@ def run_metadata(args: argparse.Namespace, learner, started: float) -> dict[str,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train (unless --eval-only) and evaluate; returns the JSON result that is also written."""
+    """Train (unless --eval-only) and evaluate; returns the JSON result that is also written (by rank 0
+    under torchrun, where the meta-batches and the test episodes are split across the processes)."""
+    from fewshot.training.distributed import cleanup_distributed, setup_distributed
+
     args = resolve(args)
     started = time.perf_counter()
+    info = setup_distributed(args.device)
+    try:
+        args.device = str(info.device)
+        if args.meta_batch and info.world_size > args.meta_batch and not args.eval_only:
+            raise ValueError(
+                f"--meta-batch {args.meta_batch} is smaller than the {info.world_size} processes of torchrun: "
+                "each process needs at least one task per meta-step; raise --meta-batch or lower --nproc_per_node"
+            )
+        return _run(args, info, started)
+    finally:
+        cleanup_distributed()
+
+
+def _run(args: argparse.Namespace, info, started: float) -> dict[str, Any]:
     out = Path(args.out)
     # Everything that can fail on the user's input is checked before anything is written.
     test_episodes = episode_source(args, args.test_split, args.test_episodes, args.test_seed, train=False)
@@ -601,26 +622,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_start(args, learner, spec, out, episodic)
     episodes = episodic_training(args) if episodic and not args.eval_only else None
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(args, out / (EVAL_CONFIG if args.eval_only else CONFIG))
-    summary = {} if args.eval_only else train(args, learner, spec, out, episodes)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(args, out / (EVAL_CONFIG if args.eval_only else CONFIG))
+    summary = {} if args.eval_only else train(args, learner, spec, out, episodes, info)
     learner.eval()
+    test_started = time.perf_counter()
     result = evaluate(
         learner,
         test_episodes,
         device=args.device,
-        progress=not args.no_progress,
+        progress=not args.no_progress and info.is_main,
         total=args.test_episodes,
         batch=args.eval_batch,
+        info=info,
     )
     record = result_record(result, **run_metadata(args, learner, started), **summary)
+    record["test_seconds"] = round(time.perf_counter() - test_started, 2)
+    if info.world_size > 1:
+        record["processes"] = info.world_size
     result_path = out / (EVAL_RESULT if args.eval_only else RESULT)
-    write_json(result_path, record)
-    print(
-        f"{args.method} {args.backbone} acdc={args.acdc} {args.dataset} {args.ways}-way {args.shots}-shot: "
-        f"{result.mean:.2f}% ± {result.ci95:.2f}% over {result.episodes} test episodes "
-        f"({record['seconds']:.0f} s; {result_path})"
-    )
+    if info.is_main:
+        write_json(result_path, record)
+        print(
+            f"{args.method} {args.backbone} acdc={args.acdc} {args.dataset} {args.ways}-way {args.shots}-shot: "
+            f"{result.mean:.2f}% ± {result.ci95:.2f}% over {result.episodes} test episodes "
+            f"({record['seconds']:.0f} s; {result_path})"
+        )
     return record
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = [
     "load_model_state",
     "capture_rng_state",
     "restore_rng_state",
+    "restore_rank_rng_state",
     "save_checkpoint",
     "load_checkpoint",
     "check_model_spec",
@@ -243,6 +244,24 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------- save / load
+
+
+def restore_rank_rng_state(states: Sequence[Mapping[str, Any]], rank: int, world_size: int, reseed: int) -> str | None:
+    """Put back rank ``rank``'s saved RNG state when the checkpoint was written by ``world_size`` processes.
+
+    Otherwise (another process count changes the data shards anyway) seed python, numpy and torch with
+    ``reseed + rank`` and return the note to print: the run continues reproducibly, not identically.
+    """
+    if len(states) == world_size:
+        restore_rng_state(states[rank])
+        return None
+    from fewshot.training.optim import set_seed
+
+    set_seed(reseed + rank)
+    return (
+        f"note: the checkpoint was written by {len(states)} process(es), this run has {world_size}; RNG "
+        "states are re-seeded, so the run continues reproducibly but not identically"
+    )
 
 
 def save_checkpoint(

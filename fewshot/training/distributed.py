@@ -23,6 +23,10 @@ __all__ = [
     "wrap_ddp",
     "all_gather_objects",
     "all_reduce_sum",
+    "all_reduce_max",
+    "all_reduce_gradients",
+    "average_buffers",
+    "broadcast_module",
     "broadcast_buffers",
     "barrier",
 ]
@@ -155,3 +159,55 @@ def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op when not distributed)."""
     if info.distributed:
         dist.barrier()
+
+
+def all_reduce_max(value: float, info: DistInfo) -> float:
+    """The largest ``value`` over all ranks (``value`` itself when not distributed): one decision for all,
+    e.g. whether the wall-clock budget is spent."""
+    if not info.distributed:
+        return value
+    box = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return float(box.item())
+
+
+def all_reduce_gradients(parameters: list[torch.Tensor], info: DistInfo) -> None:
+    """Replace every ``.grad`` by its sum over the ranks, in one collective.
+
+    A parameter without a gradient on some ranks counts as zero there; one without a gradient on every
+    rank keeps ``grad = None`` (so that optimizers skip it, as in one process). Shared tensors (ACDC
+    coefficients) appear once in ``parameters`` and are summed once.
+    """
+    if not info.distributed or not parameters:
+        return
+    present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32, device=info.device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    used = [p for p, flag in zip(parameters, present.tolist()) if flag]
+    if not used:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in used])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p in used:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def average_buffers(module: nn.Module, info: DistInfo) -> None:
+    """Floating-point buffers (BatchNorm running statistics) become their mean over the ranks, the
+    others (``num_batches_tracked``) rank 0's, so that every rank holds one model."""
+    if not info.distributed:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer.data, op=dist.ReduceOp.SUM)
+            buffer.data /= info.world_size
+        else:
+            dist.broadcast(buffer.data, src=0)
+
+
+def broadcast_module(module: nn.Module, info: DistInfo, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (one starting point for all)."""
+    if info.distributed:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=src)

@@ -1,9 +1,11 @@
 """The episodic (meta-)training loop: meta-batches of episodes, seeded validation, best and last
-checkpoints, exact resume, a tqdm bar and a JSONL log."""
+checkpoints, exact resume, a tqdm bar and a JSONL log; under torchrun each meta-batch's tasks are split
+across the processes and their meta-gradients summed."""
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,8 +26,18 @@ from fewshot.training.checkpoint import (
     check_model_spec,
     load_checkpoint,
     load_model_state,
-    restore_rng_state,
+    restore_rank_rng_state,
     save_checkpoint,
+)
+from fewshot.training.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_gradients,
+    all_reduce_max,
+    all_reduce_sum,
+    average_buffers,
+    barrier,
+    broadcast_module,
 )
 from fewshot.training.run_folder import BEST, LAST, LOG, JsonlLog, remove_stale_temporaries
 
@@ -80,9 +92,12 @@ class EpisodicSchedule:
 
 class _MetaBatches(torch.utils.data.Dataset):
     """Meta-batch ``i`` = training episodes ``i*meta_batch .. (i+1)*meta_batch - 1``: any step can be
-    produced on its own, in any worker, which makes resuming exact."""
+    produced on its own, in any worker, which makes resuming exact. Rank ``r`` of ``world`` processes
+    gets tasks ``r, r+world, ...`` of each meta-batch (and produces only those)."""
 
-    def __init__(self, episodes: Sequence[Episode], meta_batch: int, start: int, stop: int) -> None:
+    def __init__(
+        self, episodes: Sequence[Episode], meta_batch: int, start: int, stop: int, rank: int = 0, world: int = 1
+    ) -> None:
         needed = stop * meta_batch
         if len(episodes) < needed:
             raise ValueError(
@@ -90,13 +105,14 @@ class _MetaBatches(torch.utils.data.Dataset):
                 f"{meta_batch} need {needed}"
             )
         self.episodes, self.meta_batch, self.start, self.stop = episodes, meta_batch, start, stop
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def __getitem__(self, i: int) -> list[Episode]:
         first = (self.start + i) * self.meta_batch
-        return [self.episodes[first + k] for k in range(self.meta_batch)]
+        return [self.episodes[first + k] for k in range(self.rank, self.meta_batch, self.world)]
 
 
 def _as_list(batch: list[Episode]) -> list[Episode]:
@@ -114,21 +130,27 @@ class _Progress:
     seconds: float = 0.0
 
 
-def _resume(path: Path, learner: Learner, optimizer: torch.optim.Optimizer, spec: ModelSpec, device) -> _Progress:
-    """Load ``last.pt`` into the learner, the optimizer and the RNGs (checked against ``spec``)."""
+def _resume(
+    path: Path, learner: Learner, optimizer: torch.optim.Optimizer, spec: ModelSpec, device, info: DistInfo
+) -> _Progress:
+    """Load ``last.pt`` into the learner, the optimizer and this rank's RNGs (checked against ``spec``)."""
     state = load_checkpoint(path, map_location=device)
     check_model_spec(state.get("meta"), spec, path)
     load_model_state(learner, state["model"], source=str(path))
     optimizer.load_state_dict(state["optimizer"])
-    restore_rng_state(state["rng"][0])
     saved = state["progress"]
+    note = restore_rank_rng_state(state["rng"], info.rank, info.world_size, int(saved["step"]) * 1000)
+    if note and info.is_main:
+        print(note, file=sys.stderr)
     return _Progress(saved["step"], saved["best_val_acc"], saved["best_step"], float(saved.get("train_seconds", 0.0)))
 
 
-def _batches(train_episodes: Sequence[Episode], schedule: EpisodicSchedule, start: int) -> DataLoader:
-    """The meta-batches from meta-step ``start`` on, produced by ``schedule.num_workers`` workers."""
+def _batches(train_episodes: Sequence[Episode], schedule: EpisodicSchedule, start: int, info: DistInfo) -> DataLoader:
+    """This rank's tasks of the meta-batches from meta-step ``start`` on, produced by ``schedule.num_workers``
+    workers."""
+    batches = _MetaBatches(train_episodes, schedule.meta_batch, start, schedule.meta_steps, info.rank, info.world_size)
     return DataLoader(
-        _MetaBatches(train_episodes, schedule.meta_batch, start, schedule.meta_steps),
+        batches,
         batch_size=None,
         num_workers=schedule.num_workers,
         collate_fn=_as_list,
@@ -148,27 +170,34 @@ class _Run:
     spec: ModelSpec
     schedule: EpisodicSchedule
     config: dict[str, Any]
+    info: DistInfo
 
     def save(self, name: str, step: int, seconds: float) -> None:
-        """``last.pt`` or ``best.pt`` at meta-step ``step`` after ``seconds`` of training."""
+        """``last.pt`` or ``best.pt`` at meta-step ``step`` after ``seconds`` of training (rank 0 writes it,
+        with every rank's RNG state)."""
         progress = {"step": step, "best_val_acc": self.state.best_acc, "best_step": self.state.best_step}
+        rng = all_gather_objects(capture_rng_state(), self.info)  # every rank takes part
+        if not self.info.is_main:
+            return
         save_checkpoint(
             self.out / name,
             model=self.learner,
             meta=self.spec,
             optimizer=self.optimizer.state_dict(),
             progress={**progress, "train_seconds": seconds},
-            rng=[capture_rng_state()],
+            rng=rng,
             config=self.config,
             schedule=asdict(self.schedule),
         )
 
-    def meta_step(self, batch: list[Episode], lr: float, step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One meta-update at step size ``lr``; a non-finite loss stops training before the parameters change."""
+    def meta_step(self, batch: list[Episode], lr: float, step: int) -> tuple[torch.Tensor, float]:
+        """One meta-update at step size ``lr`` on this rank's tasks of the meta-batch (the meta-gradients
+        summed over the ranks); returns the meta-batch's summed loss and mean query accuracy. A non-finite
+        loss stops training before the parameters change."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss, logits = self.learner.backward_batch(batch)
+        loss, accuracy = backward_meta_batch(self.learner, batch, self.info)
         if not torch.isfinite(loss):  # before the step: the parameters (and last.pt, best.pt) stay good
             raise FloatingPointError(
                 f"the training loss became {loss.item()} at meta-step {step}; stopped without updating the "
@@ -176,12 +205,14 @@ class _Run:
                 f"{self.schedule.lr:g}) or the inner step size, then continue with --resume or start again"
             )
         self.optimizer.step()
-        return loss, logits
+        average_buffers(self.learner, self.info)  # BatchNorm running statistics: one model on every rank
+        return loss, accuracy
 
     def validate(self, episodes: Sequence[Episode], step: int, seconds: float, device) -> EvaluationResult:
         """Accuracy on the validation episodes; saves ``best.pt`` when it is the best so far, and ``last.pt``."""
         self.learner.eval()
-        val = evaluate(self.learner, episodes, device=device, progress=False, batch=self.schedule.eval_batch)
+        batch = self.schedule.eval_batch
+        val = evaluate(self.learner, episodes, device=device, progress=False, batch=batch, info=self.info)
         if val.mean > self.state.best_acc:
             self.state.best_acc, self.state.best_step = val.mean, step
             self.save(BEST, step, seconds)
@@ -189,10 +220,21 @@ class _Run:
         return val
 
 
-def _step_record(step: int, loss: torch.Tensor, logits: list, batch: list[Episode], seconds: float) -> dict[str, Any]:
+def backward_meta_batch(learner: Learner, batch: list[Episode], info: DistInfo) -> tuple[torch.Tensor, float]:
+    """Meta-gradients of this rank's tasks into ``.grad``, summed over the ranks (the meta-batch's loss is
+    a sum over its tasks, so the result is one process's); returns the meta-batch's summed loss and mean
+    query accuracy, the same on every rank."""
+    loss, logits = learner.backward_batch(batch)
+    all_reduce_gradients([p for p in learner.parameters() if p.requires_grad], info)
+    correct = sum(episode_accuracy(lg, e.query_labels) for lg, e in zip(logits, batch))
+    sums = torch.tensor([loss.item(), correct, len(batch)], dtype=torch.float64, device=info.device)
+    totals = all_reduce_sum(sums, info)
+    return totals[0].to(loss.dtype), float(totals[1] / totals[2])
+
+
+def _step_record(step: int, loss: torch.Tensor, accuracy: float, seconds: float) -> dict[str, Any]:
     """The log record of one meta-step: its loss, the mean query accuracy of its episodes, the seconds so far."""
-    acc = sum(episode_accuracy(lg, e.query_labels) for lg, e in zip(logits, batch)) / len(batch)
-    return {"step": step, "loss": round(loss.item(), 6), "train_acc": round(acc, 3), "seconds": round(seconds, 2)}
+    return {"step": step, "loss": round(loss.item(), 6), "train_acc": round(accuracy, 3), "seconds": round(seconds, 2)}
 
 
 def train_episodic(
@@ -207,42 +249,76 @@ def train_episodic(
     device: torch.device | str = "cpu",
     resume: bool = False,
     progress: bool = True,
+    info: DistInfo | None = None,
 ) -> dict[str, Any]:
     """Meta-train ``learner`` (already on ``device``); returns a summary with the best validation accuracy.
 
     Writes ``last.pt`` (at every validation: resume point) and ``best.pt`` (best validation accuracy)
     and ``log.jsonl`` under ``out_dir``. With ``resume=True`` training continues from ``last.pt`` and
     ends with the same parameters as an uninterrupted run.
+
+    Under torchrun (``info.distributed``) every rank holds the model (rank 0's parameters at the start),
+    computes the meta-gradients of its share of each meta-batch (``_MetaBatches``), and the sums are
+    all-reduced, so a step is one process's step; validation is sharded (``evaluate``); rank 0 alone
+    writes. Atom-drop masks and other random draws come from each rank's own generator (rank ``r``
+    re-seeded with the initial seed + ``r``), so with atom-drop the run is not bitwise one process's.
     """
+    info = info or DistInfo(device=torch.device(device))
+    if schedule.meta_batch < info.world_size:
+        raise ValueError(
+            f"meta_batch {schedule.meta_batch} is smaller than the {info.world_size} processes: each process "
+            "needs at least one task per meta-step"
+        )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
     optimizer = torch.optim.Adam(learner.parameters(), lr=schedule.lr)
-    state = _resume(out / LAST, learner, optimizer, spec, device) if resume else _Progress()
-    run = _Run(out, learner, optimizer, state, spec, schedule, config or {})
+    if resume:
+        state = _resume(out / LAST, learner, optimizer, spec, device, info)
+    else:
+        state = _Progress()
+        broadcast_module(learner, info)
+        if info.rank:
+            torch.manual_seed(torch.initial_seed() + info.rank)
+    run = _Run(out, learner, optimizer, state, spec, schedule, config or {}, info)
+    summary = _meta_train(run, train_episodes, val_episodes, device, resume, progress)
+    barrier(info)  # best.pt and last.pt are written before any rank reads them
+    return summary
+
+
+def _meta_train(
+    run: _Run, train_episodes: Sequence[Episode], val_episodes: Sequence[Episode], device, resume: bool, progress: bool
+) -> dict[str, Any]:
+    """The loop of ``train_episodic``: meta-steps, validation and checkpoints, the log on rank 0."""
+    schedule, state, info = run.schedule, run.state, run.info
     start, seconds_before = state.step, state.seconds
-    log = JsonlLog(out / LOG)
-    log.start(start if resume else None)
+    log = JsonlLog(run.out / LOG) if info.is_main else None
+    if log:
+        log.start(start if resume else None)
     started = time.perf_counter()
-    batches = _batches(train_episodes, schedule, start)
-    bar = tqdm(batches, initial=start, total=schedule.meta_steps, desc="meta-train", disable=not progress)
+    batches = _batches(train_episodes, schedule, start, info)
+    bar = tqdm(
+        batches, initial=start, total=schedule.meta_steps, desc="meta-train", disable=not (progress and info.is_main)
+    )
     step, stopped_by, seconds = start, "meta_steps", seconds_before
     for step, batch in enumerate(bar, start=start + 1):
-        learner.train()
+        run.learner.train()
         batch = [e.to(device) for e in batch]
-        lr = schedule.learning_rate(step - 1, seconds_before + time.perf_counter() - started)
-        loss, logits = run.meta_step(batch, lr, step)
-        seconds = seconds_before + time.perf_counter() - started
+        lr = schedule.learning_rate(step - 1, seconds)
+        loss, accuracy = run.meta_step(batch, lr, step)
+        seconds = all_reduce_max(seconds_before + time.perf_counter() - started, info)  # one clock for all ranks
         out_of_time = schedule.train_seconds is not None and seconds >= schedule.train_seconds
-        record = _step_record(step, loss, logits, batch, seconds)
+        record = _step_record(step, loss, accuracy, seconds)
         if schedule.lr_schedule != "constant":
             record["lr"] = lr
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{record['train_acc']:.1f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.1f}")
         if out_of_time or step == schedule.meta_steps or (schedule.val_every and step % schedule.val_every == 0):
             val = run.validate(val_episodes, step, seconds, device)
             record.update(val_acc=round(val.mean, 4), val_ci95=round(val.ci95, 4))
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{record['train_acc']:.1f}", val=f"{val.mean:.1f}")
-        log.write(record)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.1f}", val=f"{val.mean:.1f}")
+        if log:
+            log.write(record)
         if out_of_time and step < schedule.meta_steps:
             stopped_by = "train_seconds"
             break

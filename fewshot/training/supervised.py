@@ -31,7 +31,7 @@ from fewshot.training.checkpoint import (
     check_model_spec,
     load_checkpoint,
     load_model_state,
-    restore_rng_state,
+    restore_rank_rng_state,
     save_checkpoint,
     unwrap_model,
 )
@@ -442,19 +442,9 @@ def _restore(
     progress.sums = [float(v) for v in saved["sums"]]
     progress.seconds, progress.images = float(saved["seconds"]), int(saved["images"])
     progress.clock = float(saved.get("clock", saved["seconds"]))  # checkpoints before the budget: training time
-    states = ckpt.get("rng") or []
-    if len(states) == info.world_size:
-        restore_rng_state(states[info.rank])
-    else:
-        # Another process count changes the data shards anyway: continue reproducibly, not identically.
-        set_seed(int(progress.step) * 1000 + info.rank)
-        if info.is_main:
-            print(
-                f"note: the checkpoint was written by {len(states)} process(es), this run has "
-                f"{info.world_size}; RNG states are re-seeded, so the run continues reproducibly "
-                f"but not identically",
-                file=sys.stderr,
-            )
+    note = restore_rank_rng_state(ckpt.get("rng") or [], info.rank, info.world_size, int(progress.step) * 1000)
+    if note and info.is_main:
+        print(note, file=sys.stderr)
 
 
 def _lr(optimizer: torch.optim.Optimizer) -> float:
