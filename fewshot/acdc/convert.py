@@ -111,6 +111,35 @@ def replace_modules(model: nn.Module, replacement: dict[int, nn.Module]) -> None
                 setattr(module, child_name, replacement[id(child)])
 
 
+def _acdc_copy(
+    conv: nn.Conv2d, shared: SharedCoefficients, scope: str, group_size: int | None, atom_drop: float
+) -> ACDCConv2d:
+    """An :class:`ACDCConv2d` reading ``shared`` in place of ``conv``: its geometry, device, dtype, bias
+    values and train mode kept; fresh atoms."""
+    new = ACDCConv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        shared=shared,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        group_size=group_size,
+        atom_drop=atom_drop,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    if conv.bias is not None:
+        with torch.no_grad():
+            new.bias.copy_(conv.bias)
+        new.bias.requires_grad_(conv.bias.requires_grad)
+    new.scope = scope
+    new.train(conv.training)
+    return new
+
+
 def convert(
     model: nn.Module,
     scope: str,
@@ -151,29 +180,6 @@ def convert(
                 )
     keys = scope_keys(model, plan, scope, example_input, block_of)
     owners = build_owners(plan, keys, atoms, group_size)
-    replacement: dict[int, nn.Module] = {}
-    for name, conv in plan:
-        new = ACDCConv2d(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            shared=owners[keys[name]],
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            group_size=group_size,
-            atom_drop=atom_drop,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-        )
-        if conv.bias is not None:
-            with torch.no_grad():
-                new.bias.copy_(conv.bias)
-            new.bias.requires_grad_(conv.bias.requires_grad)
-        new.scope = scope
-        new.train(conv.training)
-        replacement[id(conv)] = new
+    replacement = {id(conv): _acdc_copy(conv, owners[keys[name]], scope, group_size, atom_drop) for name, conv in plan}
     replace_modules(model, replacement)
     return model

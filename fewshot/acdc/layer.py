@@ -160,6 +160,20 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _checked_padding(padding: _PaddingArg, stride: tuple[int, int]) -> _PaddingArg:
+    """``padding`` as ``nn.Conv2d`` takes it ('same', 'valid' or a pair of ints >= 0), else a ValueError."""
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+        if padding == "same" and stride != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1, got stride={stride}")
+        return padding
+    pad = _pair(padding)
+    if any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in pad):
+        raise ValueError(f"padding must be 'same', 'valid', or ints >= 0, got {padding!r}")
+    return tuple(pad)
+
+
 def _reversed_padding(padding: _PaddingArg, kernel_size: tuple[int, int], dilation: tuple[int, int]) -> list[int]:
     """Padding as ``F.pad`` wants it (last dim first, left/right), for non-zero padding modes."""
     if padding == "valid":
@@ -237,17 +251,7 @@ class ACDCConv2d(nn.Module):
         self.kernel_size = tuple(check_positive_int(k, "kernel_size") for k in _pair(kernel_size))
         self.stride = tuple(check_positive_int(v, "stride") for v in _pair(stride))
         self.dilation = tuple(check_positive_int(v, "dilation") for v in _pair(dilation))
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
-            if padding == "same" and self.stride != (1, 1):
-                raise ValueError(f"padding='same' needs stride 1, got stride={self.stride}")
-            self.padding: _PaddingArg = padding
-        else:
-            pad = _pair(padding)
-            if any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in pad):
-                raise ValueError(f"padding must be 'same', 'valid', or ints >= 0, got {padding!r}")
-            self.padding = tuple(pad)
+        self.padding: _PaddingArg = _checked_padding(padding, self.stride)
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
         self.padding_mode = padding_mode
@@ -264,22 +268,8 @@ class ACDCConv2d(nn.Module):
                 raise ValueError(f"ACDCConv2d({in_channels}, {out_channels}): {problem}")
         self.group_size = group_size
 
-        rows, cols = self.coefficient_shape
-        if shared is None:
-            if atoms is None:
-                raise ValueError("ACDCConv2d needs atoms=<m> when no shared coefficients are given")
-            shared = SharedCoefficients(rows, cols, atoms, device=device, dtype=dtype)
-        elif not isinstance(shared, SharedCoefficients):
-            raise TypeError(f"shared must be a SharedCoefficients module, got {type(shared).__name__}")
-        if atoms is not None and atoms != shared.num_atoms:
-            raise ValueError(f"atoms={atoms} but the shared coefficients hold {shared.num_atoms} atoms")
-        if shared.rows < rows or shared.cols < cols:
-            raise ValueError(
-                f"shared coefficients of shape {tuple(shared.coefficients.shape)} are too small "
-                f"for a layer that uses A[:{rows}, :{cols}]"
-            )
-        self.shared = shared.tie()
-        m = shared.num_atoms
+        self.shared = self._coefficients(shared, atoms, device, dtype).tie()
+        m = self.shared.num_atoms
         kh, kw = self.kernel_size
         atom_shape = (m, kh, kw) if group_size is None else (self.num_groups, m, kh, kw)
         self.atoms = nn.Parameter(init_atoms_(torch.empty(atom_shape, device=device, dtype=dtype)))
@@ -289,6 +279,25 @@ class ACDCConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
         else:
             self.register_parameter("bias", None)
+
+    def _coefficients(self, shared: SharedCoefficients | None, atoms: int | None, device, dtype) -> SharedCoefficients:
+        """``shared`` checked against this layer's corner ``A[:rows, :cols]`` and ``atoms``, or new
+        coefficients of exactly that shape when ``shared`` is None."""
+        rows, cols = self.coefficient_shape
+        if shared is None:
+            if atoms is None:
+                raise ValueError("ACDCConv2d needs atoms=<m> when no shared coefficients are given")
+            return SharedCoefficients(rows, cols, atoms, device=device, dtype=dtype)
+        if not isinstance(shared, SharedCoefficients):
+            raise TypeError(f"shared must be a SharedCoefficients module, got {type(shared).__name__}")
+        if atoms is not None and atoms != shared.num_atoms:
+            raise ValueError(f"atoms={atoms} but the shared coefficients hold {shared.num_atoms} atoms")
+        if shared.rows < rows or shared.cols < cols:
+            raise ValueError(
+                f"shared coefficients of shape {tuple(shared.coefficients.shape)} are too small "
+                f"for a layer that uses A[:{rows}, :{cols}]"
+            )
+        return shared
 
     @property
     def evaluation(self) -> str:
