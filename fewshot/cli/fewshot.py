@@ -508,7 +508,7 @@ def check_start(args: argparse.Namespace, learner, spec, out: Path, episodic: bo
     check_out_folder(out, args.resume, resume_point, out / BEST)
     if not args.resume:
         return
-    saved = load_checkpoint(resume_point, map_location="cpu")
+    saved = load_checkpoint(resume_point, map_location="cpu", mmap=True)  # the metadata only: no second full read
     check_model_spec(saved.get("meta"), spec, resume_point)
     done = saved.get("progress", {}).get("step", 0)
     planned = max(1, args.train_episodes // args.meta_batch) if episodic else done

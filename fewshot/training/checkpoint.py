@@ -286,8 +286,11 @@ def save_checkpoint(
     return atomic_write(path, lambda f: torch.save(payload, f), binary=True)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(weights_only=True)``.
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)``; ``mmap=True`` leaves the tensors in the
+    file until read (for checks that need the metadata only: a large checkpoint is then not read twice).
 
     A bare state dict (e.g. ``torch.save(model.state_dict())``) is accepted and returned as
     ``{"format": ..., "model": state_dict}``; anything else that is not ours raises a ValueError.
@@ -298,7 +301,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes), not a saved checkpoint")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # unpickling errors come in many types
         text = str(exc).strip()
         if "WeightsUnpickler error:" in text:  # torch's long advice around it: keep the reason itself
