@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from fewshot.acdc import convert
 from fewshot.data.episode import Episode
 from fewshot.learners.maml import MAML
 from fewshot.training.checkpoint import ModelSpec
-from tests.helpers import TinyNet, make_episode
+from tests.helpers import DropNet, TinyNet, make_episode
 
 # name -> (ACDC-net?, first order?, tasks in the meta-batch); 3 tasks split 2 + 1 over two processes
 GRADIENT_CASES = {
@@ -42,20 +41,6 @@ def eval_episodes() -> tuple[MAML, list[Episode]]:
     torch.manual_seed(1)
     learner = MAML(convert(TinyNet(channels=8), "net", atoms=4, atom_drop=0.0), ways=3, inner_steps=2, inner_lr=0.5)
     return learner.eval(), [make_episode(seed=70 + s, dtype=torch.float32) for s in range(7)]
-
-
-class DropNet(nn.Module):
-    """A tiny backbone whose dropout makes training draw from each process's generator."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3), nn.AdaptiveAvgPool2d(1)
-        )
-        self.out_features = 4
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).flatten(1)
 
 
 RESUME_SPEC = ModelSpec(backbone="dropnet")

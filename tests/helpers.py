@@ -32,6 +32,25 @@ class TinyNet(nn.Module):
         return self.body(x)
 
 
+class DropNet(nn.Module):
+    """A tiny backbone whose dropout makes training consume the global RNG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.out_features = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 def make_episode(
     ways: int = 3,
     shots: int = 2,

@@ -6,32 +6,11 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from fewshot.learners.maml import MAML
 from fewshot.training.checkpoint import ModelSpec, load_checkpoint
 from fewshot.training.episodic import EpisodicSchedule, train_episodic
-from tests.helpers import make_episode
-
-
-class DropNet(nn.Module):
-    """A tiny backbone whose dropout makes training consume the global RNG."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1),
-            nn.BatchNorm2d(4),
-            nn.ReLU(),
-            nn.Dropout(0.3),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        self.out_features = 4
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
+from tests.helpers import DropNet, make_episode
 
 SPEC = ModelSpec(backbone="dropnet")
 TRAIN = [make_episode(seed=100 + i, dtype=torch.float32) for i in range(16)]
