@@ -23,7 +23,7 @@ from fewshot.data.classification import (
     load_classification_data,
     read_cifar,
 )
-from fewshot.data.transforms import GLYPHS_MEAN, GLYPHS_STD
+from fewshot.data.transforms import GLYPHS_MEAN, GLYPHS_STD, IMAGENET_MEAN, IMAGENET_STD, ToNormalizedFloat
 from fewshot.training.checkpoint import load_checkpoint
 from fewshot.training.classifier_metrics import evaluate_classifier, topk_correct
 from fewshot.training.models import model_from_checkpoint
@@ -291,6 +291,25 @@ def test_holdout_split_per_class():
         holdout_split(targets, 0.9)
 
 
+@pytest.mark.parametrize("mean, std", [(GLYPHS_MEAN, GLYPHS_STD), (IMAGENET_MEAN, IMAGENET_STD)])
+def test_one_normalization_per_batch_and_per_image_gives_the_same_floats(mean, std):
+    """The supervised loop's per-batch Normalizer and the episodes' per-image ToNormalizedFloat: bit-equal
+    on every uint8 value, so a pretrained backbone sees exactly the inputs its episodes give it."""
+    pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).repeat(3, len(mean), 1, 1)
+    batch = Normalizer(mean, std, "cpu")(pixels)
+    per_image = torch.stack([ToNormalizedFloat(mean, std)(image) for image in pixels])
+    assert torch.equal(batch, per_image)
+    assert batch.dtype == torch.float32
+    ref = (pixels.double() / 255 - torch.tensor(mean).double().view(1, -1, 1, 1)) / torch.tensor(std).double().view(
+        1, -1, 1, 1
+    )
+    torch.testing.assert_close(batch.double(), ref, rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match=r"ToNormalizedFloat: expected images \(…, 1, H, W\) .* got shape \(3, 8, 8\)"):
+        ToNormalizedFloat(GLYPHS_MEAN, GLYPHS_STD)(torch.zeros(3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="std must be positive"):
+        ToNormalizedFloat((0.5,), (0.0,))
+
+
 def test_normalizer_and_topk():
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -298,6 +317,8 @@ def test_normalizer_and_topk():
     ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"Normalizer: expected a \(B, 3, H, W\) batch .* got shape \(2, 1, 4, 4\)"):
+        Normalizer(mean, std, "cpu")(x[:, :1])
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
     top1, top2, top5 = topk_correct(logits, torch.tensor([1, 2, 0]), (1, 2, 5))
     assert (top1.item(), top2.item(), top5.item()) == (1, 2, 3)

@@ -2,8 +2,9 @@
 
 ``load_classification_data(name, root, ...)`` returns a ``ClassificationData``: raw train / val datasets
 yielding ``(uint8 CHW tensor, class index)``, the standard augmentation of the dataset's recipe, and the
-normalization constants. Normalization happens on the batch, on the training device (``Normalizer``),
-so that workers and host-to-device copies move uint8 images.
+normalization constants. Normalization happens on the batch, on the training device (``Normalizer``, with
+the episode transforms' ``ToNormalizedFloat`` arithmetic), so that workers and host-to-device copies move
+uint8 images.
 
 Augmentation is a pure function of ``(seed, epoch, index)`` (``AugmentedDataset`` keyed by
 ``EpochSampler``): the images a run sees do not depend on the number of workers, on DDP, or on where a
@@ -36,7 +37,7 @@ from torchvision.transforms import v2
 
 from fewshot.data.imageio import IMAGE_EXTENSIONS, read_rgb
 from fewshot.data.safe_pickle import ForbiddenGlobalError, load_data_pickle
-from fewshot.data.transforms import GLYPHS_MEAN, GLYPHS_STD, IMAGENET_MEAN, IMAGENET_STD
+from fewshot.data.transforms import GLYPHS_MEAN, GLYPHS_STD, IMAGENET_MEAN, IMAGENET_STD, ToNormalizedFloat
 
 __all__ = [
     "ClassificationData",
@@ -205,21 +206,25 @@ class ShardSampler(Sampler[int]):
 
 
 class Normalizer:
-    """uint8 batch on the host -> normalized float batch on ``device`` (optionally channels_last)."""
+    """uint8 batch on the host -> normalized float batch on ``device`` (optionally channels_last), with the
+    same arithmetic as the episode transforms (``ToNormalizedFloat``)."""
 
     def __init__(
         self, mean: Sequence[float], std: Sequence[float], device: torch.device | str, channels_last: bool = False
     ) -> None:
         self.device = torch.device(device)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255.0
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255.0
+        self.to_float = ToNormalizedFloat(tuple(mean), tuple(std), device=self.device)
         self.channels_last = channels_last
 
     def __call__(self, images: Tensor) -> Tensor:
         images = images.to(self.device, non_blocking=True)
-        if images.shape[1] != self.mean.shape[1]:
-            raise ValueError(f"batch has {images.shape[1]} channels but the normalization has {self.mean.shape[1]}")
-        out = (images.float() - self.mean) / self.std
+        channels = len(self.to_float.mean)
+        if images.dim() != 4 or images.shape[1] != channels:
+            raise ValueError(
+                f"Normalizer: expected a (B, {channels}, H, W) batch for {channels} channel(s), "
+                f"got shape {tuple(images.shape)}"
+            )
+        out = self.to_float(images)
         if self.channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out

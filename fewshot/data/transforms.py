@@ -15,16 +15,32 @@ GLYPHS_STD = (0.199,)
 
 class ToNormalizedFloat:
     """uint8 (…, C, H, W) → float32 ``(x / 255 - mean) / std`` in two passes over the data (ToDtype(scale=True)
-    followed by Normalize takes four); float input is taken to be in [0, 1] already."""
+    followed by Normalize takes four); float input is taken to be in [0, 1] already.
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    The toolkit's one normalization: the episode transforms apply it per image on the host, the supervised
+    loop's ``Normalizer`` per batch on the training device, with the same arithmetic (the same floats).
+    """
+
+    def __init__(
+        self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str | None = None
+    ) -> None:
         self.mean, self.std = tuple(mean), tuple(std)
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"ToNormalizedFloat: mean {self.mean} and std {self.std} need one value per channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"ToNormalizedFloat: std must be positive, got {self.std}")
         std_t = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-        self._scale = 1.0 / std_t
-        self._shift = -torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1) / std_t
+        self._scale = (1.0 / std_t).to(device)
+        self._scale_uint8 = (1.0 / std_t / 255).to(device)
+        self._shift = (-torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1) / std_t).to(device)
 
     def __call__(self, x: Tensor) -> Tensor:
-        scale = self._scale / 255 if x.dtype == torch.uint8 else self._scale
+        if x.dim() < 3 or x.shape[-3] != len(self.mean):
+            raise ValueError(
+                f"ToNormalizedFloat: expected images (…, {len(self.mean)}, H, W) for mean {self.mean}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        scale = self._scale_uint8 if x.dtype == torch.uint8 else self._scale
         return x.to(torch.float32).mul_(scale).add_(self._shift)
 
     def __repr__(self) -> str:
