@@ -287,7 +287,8 @@ def count_macs(model: nn.Module, image_size: int = RATIO_IMAGE_SIZE) -> tuple[in
     """``(per_image, per_forward)`` multiply-adds of ``model`` on ``image_size`` RGB inputs (eval mode).
 
     ``per_image`` is the convolutions and linear layers (batch 2 minus batch 1); ``per_forward`` is the
-    work done once per forward pass whatever the batch size (the ACDC kernel reconstruction). ACDC layers
+    work done once per forward pass whatever the batch size: the ACDC kernel reconstructions
+    (:attr:`ACDCConv2d.kernel_macs`, the product ``A·D`` itself, however it is computed). ACDC layers
     are counted in their kernel form (``evaluation="kernel"``), whatever form they would pick at run time.
     """
     device = next(model.parameters()).device
@@ -301,8 +302,8 @@ def count_macs(model: nn.Module, image_size: int = RATIO_IMAGE_SIZE) -> tuple[in
     finally:
         for m, setting in zip(acdc_layers, settings):
             m.evaluation = setting
-    per_image = two - one
-    return per_image // 2, (one - per_image) // 2  # FlopCounterMode counts a multiply-add as 2 FLOPs
+    per_image = (two - one) // 2  # FlopCounterMode counts a multiply-add as 2 FLOPs
+    return per_image, sum(m.kernel_macs for m in acdc_layers)
 
 
 def first_conv_macs(model: nn.Module, image_size: int = RATIO_IMAGE_SIZE) -> tuple[int, int]:

@@ -103,7 +103,7 @@ def expand(
         new[:, :, :m] = old.detach()[:rows, :cols]
         owner = SharedCoefficients.holding(nn.Parameter(new, requires_grad=old.requires_grad))
         for conv in group:
-            conv.shared = owner.tie()
+            conv.read_from(owner)
             if new_m > m:
                 conv.atoms = _grown_atoms(conv.atoms, new_m)
             conv.scope = target

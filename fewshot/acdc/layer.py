@@ -6,8 +6,8 @@ A decomposed conv with ``c_out`` outputs, ``c_in`` inputs and a ``kh x kw`` kern
 kernel is ``K[o, i] = sum_k A[o, i, k] * D[k]``; the forward pass rebuilds ``K`` and runs ``F.conv2d``,
 so compute equals the dense conv. Where the batch is small next to the kernel (deep layers of a MAML
 support set), a plain layer instead convolves each input channel with the ``m`` atoms and mixes the result
-with ``A`` as a 1×1 conv (the paper's two-sub-layer form): the same function, without building ``K``
-(:meth:`ACDCConv2d.prefers_two_stage`).
+with ``A`` (the paper's two-sub-layer form, as two matrix products on the unfolded input): the same
+function, without building ``K`` (:meth:`ACDCConv2d.prefers_two_stage`).
 
 Grouped variant (``group_size=s``): the ``c_out`` outputs form ``g = c_out / s`` groups, each with its
 own atoms (``D`` is ``g x m x kh x kw``) and all reading the same ``A[:s, :s]`` (a layer with
@@ -20,6 +20,7 @@ inputs through ``A[:s, :c_in]``. A ShuffleNet channel shuffle over the ``g`` out
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -28,10 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fewshot.acdc.rules import check_atom_drop, check_positive_int
 
-__all__ = ["SharedCoefficients", "ACDCConv2d", "channel_shuffle", "grouped_layout_error", "PADDING_MODES"]
+__all__ = [
+    "SharedCoefficients",
+    "CoefficientCorners",
+    "ACDCConv2d",
+    "channel_shuffle",
+    "grouped_layout_error",
+    "PADDING_MODES",
+]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 EVALUATIONS = ("auto", "kernel", "two-stage")
@@ -69,6 +78,152 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     return x if groups == 1 else F.channel_shuffle(x, groups)
 
 
+class _CutCorners(torch.autograd.Function):
+    """The leading corners ``a[:rows, :cols]`` of ``shapes`` (largest first), cut at once: the full-size
+    one sharing ``a``'s storage, the others as contiguous copies. Backward sums their gradients into one
+    tensor of ``a``'s size, adding each in place at its own size."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: Tensor, shapes: tuple[tuple[int, int], ...]) -> tuple[Tensor, ...]:
+        # The full-size one shares a's storage (and version counter) but is not a view of a: a view would
+        # keep the tensor a itself alive from the cache that holds the corners, which is keyed by it.
+        full = (a.shape[0], a.shape[1])
+        return tuple(a.detach() if s == full else a[: s[0], : s[1]].clone() for s in shapes)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, tuple[tuple[int, int], ...]], output: Any) -> None:
+        a, shapes = inputs
+        ctx.shapes = shapes
+        ctx.full = (a.shape[0], a.shape[1])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, None]:
+        total: Tensor | None = None
+        rows_full, cols_full = ctx.full
+        for (rows, cols), g in zip(ctx.shapes, grads):  # largest first
+            if g is None:
+                continue
+            if total is None:  # the largest gradient present, padded to full size, becomes the sum
+                total = (
+                    F.pad(g, (0, 0, 0, cols_full - cols, 0, rows_full - rows))
+                    if (rows, cols) != ctx.full
+                    else g.clone()
+                )
+                continue
+            try:
+                total[:rows, :cols] += g
+            except RuntimeError:  # under vmap, an unbatched sum cannot take a batched gradient in place
+                total = total + F.pad(g, (0, 0, 0, cols_full - cols, 0, rows_full - rows))
+        return total, None
+
+
+class _Cut:
+    """One application of :class:`_CutCorners` to one tensor: the corners no conv has taken yet (held
+    here) and those taken (held by weak reference: the graph of the pass that took them keeps them).
+
+    A shape may be cut several times (the full-size one, once per conv that reads all of ``A``), so that
+    each reader's gradient reaches the backward of :class:`_CutCorners` on its own and is added there in
+    place, instead of autograd summing them into a new full-size tensor first. The readers are counted
+    per cut: passes that share one (their graphs alive together) give each of their readers an alias.
+    """
+
+    def __init__(self, a: Tensor, version: int, shapes: tuple[tuple[int, int], ...]) -> None:
+        self.version = version
+        self.waiting: dict[tuple[int, int], list[Tensor]] = {}
+        for shape, corner in zip(shapes, _CutCorners.apply(a, shapes)):
+            self.waiting.setdefault(shape, []).append(corner)
+        self.taken: list[tuple[tuple[int, int], weakref.ref]] = []
+
+    def usable(self, version: int) -> bool:
+        """Still the same values, and the pass that took corners still holds them all."""
+        return version == self.version and all(ref() is not None for _, ref in self.taken)
+
+    def take(self, shape: tuple[int, int]) -> tuple[Tensor, bool]:
+        """A corner of ``shape``, and whether it was taken before (more readers than cuts of it)."""
+        waiting = self.waiting.get(shape)
+        if waiting:
+            corner = waiting.pop(0)
+            self.taken.append((shape, weakref.ref(corner)))
+            return corner, False
+        last = next(ref for taken_shape, ref in reversed(self.taken) if taken_shape == shape)
+        return last(), True  # alive: usable() said so
+
+
+class CoefficientCorners:
+    """The leading corners ``A[:rows, :cols]`` that the convs of one scope read, cut all at once per
+    forward pass and shared by its convs.
+
+    Why: the backward of a slice ``A[:r, :c]`` fills a zero tensor of ``A``'s full size, and autograd then
+    adds one such full-size gradient per conv into ``A``'s gradient, while each conv's kernel build copies
+    its (non-contiguous) corner. Here one autograd node cuts every corner (contiguous copies; the full-size
+    one shares ``A``'s storage) and its backward adds each corner's gradient in place into one full-size
+    sum. Values and gradients are those of plain slicing (``tests/test_acdc_corners.py``).
+
+    Each :class:`ACDCConv2d` registers the corner it reads when it is tied to the coefficients, so every
+    forward pass cuts the same corners and sums their gradients in the same order (a resumed run repeats
+    an uninterrupted one bit for bit). The corners are cut per coefficient tensor object (the Parameter,
+    or the tensor that ``functional_call``, ``higher``, learn2learn or an inner loop put in its place)
+    and shared by the convs of one forward pass: once taken by a conv they are held by weak reference
+    only, so they live as long as the autograd graph that saved them; a pass that finds one of them gone,
+    or the tensor changed in place (its version counter), cuts anew. Where there is no backward (no grad
+    mode, a tensor that does not require grad, inference mode) or no corner to cut (every conv reads all
+    of ``A``) the convs slice directly, as does a conv that was not registered (its corner is cut with the
+    others from the next pass on). Copies (``deepcopy``, pickling) keep the registrations and drop the
+    cut corners.
+    """
+
+    def __init__(self, readers: dict[tuple[int, int], int] | None = None) -> None:
+        self._readers: dict[tuple[int, int], int] = dict(readers or {})  # corner shape -> convs reading it
+        self._cut: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> _Cut
+
+    @property
+    def shapes(self) -> frozenset[tuple[int, int]]:
+        """The corner shapes ``(rows, cols)`` registered or asked for so far."""
+        return frozenset(self._readers)
+
+    def register(self, rows: int, cols: int) -> None:
+        """One more conv reads ``A[:rows, :cols]``."""
+        self._readers[(rows, cols)] = self._readers.get((rows, cols), 0) + 1
+        self._cut = WeakIdKeyDictionary()  # cut without this reader: cut again next time
+
+    def corner(self, a: Tensor, rows: int, cols: int) -> Tensor:
+        """``a[:rows, :cols]`` (``a`` itself, or a tensor sharing its storage, when that is all of it)."""
+        full = (a.shape[0], a.shape[1])
+        shape = (rows, cols)
+        sliced = a if shape == full else a[:rows, :cols]
+        if shape not in self._readers:
+            self.register(rows, cols)
+            return sliced
+        if self._readers.keys() <= {full} or not (a.requires_grad and torch.is_grad_enabled()) or a.is_inference():
+            return sliced  # nothing to cut, or no backward
+        try:
+            version = a._version
+        except RuntimeError:  # a tensor without a version counter (some functorch wrappers)
+            return sliced
+        cut = self._cut.get(a)
+        if cut is None or not cut.usable(version):
+            fitting = [s for s in self._readers if s[0] <= full[0] and s[1] <= full[1]]
+            fitting += [full] * (self._readers.get(full, 1) - 1)  # an alias per conv that reads all of A
+            shapes = tuple(sorted(fitting, key=lambda s: (-s[0] * s[1], s)))  # largest first
+            cut = _Cut(a, version, shapes)
+            self._cut[a] = cut
+        corner, again = cut.take(shape)
+        if again and shape == full:  # one more conv reads all of A: the next cut gives it its own alias
+            self._readers[full] += 1
+        return corner
+
+    def __deepcopy__(self, memo: dict) -> CoefficientCorners:
+        return CoefficientCorners(self._readers)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CoefficientCorners, (dict(sorted(self._readers.items())),))
+
+    def __repr__(self) -> str:
+        return f"CoefficientCorners(readers={dict(sorted(self._readers.items()))})"
+
+
 class SharedCoefficients(nn.Module):
     """Holder of an atom-coefficient tensor ``coefficients`` of shape ``(rows, cols, atoms)``.
 
@@ -93,21 +248,24 @@ class SharedCoefficients(nn.Module):
         check_positive_int(cols, "cols")
         check_positive_int(atoms, "atoms")
         self.coefficients = nn.Parameter(torch.empty(rows, cols, atoms, device=device, dtype=dtype))
+        self.corners = CoefficientCorners()
         self.reset_parameters()
 
     @classmethod
-    def holding(cls, coefficients: nn.Parameter) -> SharedCoefficients:
-        """A new holder registering the given Parameter (no copy, no init)."""
+    def holding(cls, coefficients: nn.Parameter, corners: CoefficientCorners | None = None) -> SharedCoefficients:
+        """A new holder registering the given Parameter (no copy, no init); ``corners`` as :meth:`tie` passes."""
         if not isinstance(coefficients, nn.Parameter) or coefficients.dim() != 3:
             raise TypeError("SharedCoefficients.holding needs a 3-dimensional nn.Parameter (rows, cols, atoms)")
         holder = cls.__new__(cls)
         nn.Module.__init__(holder)
         holder.coefficients = coefficients
+        holder.corners = CoefficientCorners() if corners is None else corners
         return holder
 
     def tie(self) -> SharedCoefficients:
-        """A new holder of this holder's Parameter (what each conv of a scope registers)."""
-        return type(self).holding(self.coefficients)
+        """A new holder of this holder's Parameter (what each conv of a scope registers); all the holders
+        of one Parameter cut their corners through one :class:`CoefficientCorners`."""
+        return type(self).holding(self.coefficients, self.corners)
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_normal_(self.coefficients, mode="fan_in", nonlinearity="relu")
@@ -158,6 +316,18 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         return grad.contiguous()
+
+
+def _tall_matmul(rows: Tensor, weight: Tensor) -> Tensor:
+    """``rows @ weight`` for a tall ``rows`` (``R x k``) and a small ``weight`` (``k x j``, both a few to a
+    few dozen): taken two rows at a time against ``weight`` twice on a block diagonal,
+    ``(R/2 x 2k) @ (2k x 2j)``. The same values, 2-3x faster forward and backward on CPU, where BLAS runs
+    the narrow product poorly (a 262,144 x 8 by 8 x 9 product: 2.3 ms against 1.1 ms; benchmarks/README.md).
+    """
+    r, k = rows.shape
+    if r % 2:
+        return rows @ weight
+    return (rows.reshape(r // 2, 2 * k) @ torch.block_diag(weight, weight)).view(r, weight.shape[1])
 
 
 def _checked_padding(padding: _PaddingArg, stride: tuple[int, int]) -> _PaddingArg:
@@ -268,7 +438,7 @@ class ACDCConv2d(nn.Module):
                 raise ValueError(f"ACDCConv2d({in_channels}, {out_channels}): {problem}")
         self.group_size = group_size
 
-        self.shared = self._coefficients(shared, atoms, device, dtype).tie()
+        self.read_from(self._coefficients(shared, atoms, device, dtype))
         m = self.shared.num_atoms
         kh, kw = self.kernel_size
         atom_shape = (m, kh, kw) if group_size is None else (self.num_groups, m, kh, kw)
@@ -279,6 +449,12 @@ class ACDCConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
         else:
             self.register_parameter("bias", None)
+
+    def read_from(self, shared: SharedCoefficients) -> None:
+        """Read the corner :attr:`coefficient_shape` of ``shared``'s coefficients from now on (tied: this
+        layer registers its own holder of the same Parameter, :meth:`SharedCoefficients.tie`)."""
+        self.shared = shared.tie()
+        self.shared.corners.register(*self.coefficient_shape)
 
     def _coefficients(self, shared: SharedCoefficients | None, atoms: int | None, device, dtype) -> SharedCoefficients:
         """``shared`` checked against this layer's corner ``A[:rows, :cols]`` and ``atoms``, or new
@@ -345,12 +521,17 @@ class ACDCConv2d(nn.Module):
             return self.out_channels, self.in_channels
         return min(s, self.out_channels), min(s, self.in_channels)
 
-    def coefficient_view(self) -> Tensor:
+    @property
+    def kernel_macs(self) -> int:
+        """Multiply-adds of one kernel reconstruction ``K = A·D`` (``c_out·c_in·m·kh·kw``, per filter group
+        for grouped layers): the work the kernel form adds once per forward pass, whatever the batch."""
         rows, cols = self.coefficient_shape
-        a = self.shared()
-        if (rows, cols) == tuple(a.shape[:2]):
-            return a  # the whole tensor: no slice, whose backward would allocate a zero-filled copy
-        return a[:rows, :cols]
+        return self.num_groups * rows * cols * self.num_atoms * self.kernel_size[0] * self.kernel_size[1]
+
+    def coefficient_view(self) -> Tensor:
+        """``A[:rows, :cols]`` of :attr:`coefficient_shape` (cut as :class:`CoefficientCorners` explains)."""
+        rows, cols = self.coefficient_shape
+        return self.shared.corners.corner(self.shared(), rows, cols)
 
     # ---- kernel ---------------------------------------------------------------------------------
     def sample_atom_mask(self) -> Tensor | None:
@@ -379,12 +560,10 @@ class ACDCConv2d(nn.Module):
         d = self.atoms if atom_mask is None else self.atoms * atom_mask[..., None, None]
         a = self.coefficient_view()
         if self.group_size is None:
-            # (kh*kw x m) @ (m x c_out*c_in): a short, wide product, several times faster than the
-            # (c_out*c_in x m) @ (m x kh*kw) of the (o, i, h, w) layout; the conv takes the permuted view.
-            kh, kw = self.kernel_size
+            # K as a (c_out*c_in, m) @ (m, kh*kw) product: the (o, i, h, w) layout the conv wants.
             m = d.shape[0]
-            rebuilt = d.reshape(m, kh * kw).t() @ a.reshape(-1, m).t()
-            return rebuilt.view(kh, kw, a.shape[0], a.shape[1]).permute(2, 3, 0, 1)
+            rebuilt = _tall_matmul(a.reshape(-1, m), d.reshape(m, -1))
+            return rebuilt.view(a.shape[0], a.shape[1], *self.kernel_size)
         # The einsum alone hands back a permuted gradient for the atoms; learn2learn's GBML, for one,
         # calls .view on parameter gradients, so they are made contiguous (an identity forward).
         w = torch.einsum("oik,gkhw->goihw", a, _ContiguousGrad.apply(d))
@@ -407,33 +586,52 @@ class ACDCConv2d(nn.Module):
 
     # ---- the two-stage evaluation ------------------------------------------------------------------
     def prefers_two_stage(self, x: Tensor, padding: _PaddingArg) -> bool:
-        """Whether to skip building the kernel: convolve with the atoms, then mix with ``A`` (a 1×1 conv).
+        """Whether to skip building the kernel: convolve with the atoms, then mix with ``A`` (two matrix
+        products on the unfolded input, :meth:`_two_stage`).
 
         Both evaluations are exact. The two-stage one materializes ``N·H_out·W_out·c_in·m`` intermediate
-        values instead of the ``c_out·c_in·kh·kw`` kernel, so it is taken when that is no more: deep
-        layers on small batches (a MAML support set), where building, reordering and differentiating the
-        kernel costs more than the convolution itself (benchmarks/README.md). Plain layers only, and not
-        under ``torch.func.vmap``, where the atom convolution with per-task atoms runs task by task.
+        values instead of the ``c_out·c_in·kh·kw`` kernel; it is taken when that is at most a quarter of
+        the kernel: the deepest layers on small batches (a MAML support set), where building and
+        differentiating the kernel costs more than the convolution itself. Measured per layer
+        (``benchmarks/README.md``, ACDC overhead): at a quarter or less the two-stage form wins (ResNet's
+        last stage at batch 5: 360 against 4,608), from about half on the kernel form does (ResNet's
+        third stage at batch 5, the last stage at batch 25). Plain layers only, and not under
+        ``torch.func.vmap`` (not measured there).
         """
         if self.grouped or x.dim() != 4 or self.evaluation == "kernel":
             return False
         if self.evaluation == "two-stage":
             return True
-        if _under_vmap():  # per-task atoms turn the atom convolution into a loop over tasks: slower
+        if _under_vmap():
             return False
         kh, kw = self.kernel_size
         positions = x.shape[0] * _output_area(x.shape[-2:], padding, self.kernel_size, self.stride, self.dilation)
-        return positions * self.num_atoms <= self.out_channels * kh * kw
+        return 4 * positions * self.num_atoms <= self.out_channels * kh * kw
 
     def _two_stage(self, x: Tensor, mask: Tensor | None, bias: Tensor | None, padding: _PaddingArg) -> Tensor:
-        n, c, h, w = x.shape
+        """``y = A · (D ⊛ x)`` as two matrix products on the unfolded input, without building ``K``."""
+        if isinstance(padding, str):  # 'same' may pad unevenly, which unfold cannot: pad first
+            x = F.pad(x, _reversed_padding(padding, self.kernel_size, self.dilation))
+            padding = 0
+        padding = _pair(padding)
+        n, c = x.shape[:2]
         m = self.num_atoms
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        h_out, w_out = (
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, k, s, d in zip(x.shape[-2:], padding, self.kernel_size, self.stride, self.dilation)
+        )
+        positions = n * h_out * w_out
+        # (N, c_in*taps, L) -> (c_in, taps, N*L): one column per output position of every image
+        cols = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)
+        cols = cols.view(n, c, taps, h_out * w_out).permute(1, 0, 3, 2).reshape(c * positions, taps)
         d = self.atoms if mask is None else self.atoms * mask[:, None, None]
-        # every input channel with each atom: (N*c_in, 1, H, W) -> (N, c_in*m, H_out, W_out), channel i*m + k
-        z = F.conv2d(x.reshape(n * c, 1, h, w), d.unsqueeze(1), None, self.stride, padding, self.dilation)
-        z = z.reshape(n, c * m, z.shape[-2], z.shape[-1])
-        mix = self.coefficient_view().reshape(self.out_channels, c * m, 1, 1)  # [o, i*m + k] = A[o, i, k]
-        return F.conv2d(z, mix, bias)
+        d = _ContiguousGrad.apply(d).reshape(m, taps).t()  # (a transposed view: its gradient made contiguous)
+        z = _tall_matmul(cols, d)  # every input channel at every position with each atom
+        z = z.view(c, positions, m).transpose(1, 2).reshape(c * m, positions)  # rows i*m + k
+        a = self.coefficient_view().reshape(self.out_channels, c * m)  # [o, i*m + k] = A[o, i, k]
+        y = a @ z if bias is None else torch.addmm(bias.unsqueeze(1), a, z)  # (c_out, N*L)
+        return y.view(self.out_channels, n, h_out, w_out).transpose(0, 1).contiguous()
 
     def extra_repr(self) -> str:
         s = (

@@ -1,0 +1,219 @@
+"""Shared coefficients cut once per forward pass (CoefficientCorners): the values and derivatives of plain
+slicing, one cut per pass, cut again when the tensor changes, and the same under vmap, deepcopy, pickling."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.acdc import ACDCConv2d, SharedCoefficients
+from fewshot.acdc.layer import CoefficientCorners
+
+
+class PlainSlices(CoefficientCorners):
+    """The reference: every conv slices ``a[:rows, :cols]`` itself."""
+
+    def corner(self, a: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        return a[:rows, :cols]
+
+
+class Stack(nn.Module):
+    """Convs of several corner shapes on one shared A: nested ones, two incomparable ones, the full one."""
+
+    def __init__(self, evaluation: str) -> None:
+        super().__init__()
+        shared = SharedCoefficients(6, 6, 3, dtype=torch.float64)
+        shapes = [(3, 4), (4, 4), (4, 6), (6, 4), (4, 6), (6, 6), (6, 6)]  # (c_in, c_out) per conv
+        self.convs = nn.ModuleList(
+            ACDCConv2d(c_in, c_out, 3, shared=shared, padding=1, atom_drop=0.0, dtype=torch.float64)
+            for c_in, c_out in shapes
+        )
+        self.skip = ACDCConv2d(4, 6, 1, shared=shared, atom_drop=0.0, dtype=torch.float64)  # (6, 4) read twice per pass
+        for conv in [*self.convs, self.skip]:
+            conv.evaluation = evaluation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for i, conv in enumerate(self.convs):
+            h = torch.tanh(conv(h))
+            if i == 1:
+                h4 = h
+        return h + self.skip(h4)
+
+
+def stack(evaluation: str = "kernel", plain: bool = False) -> Stack:
+    torch.manual_seed(0)
+    model = Stack(evaluation)
+    if plain:
+        for holder in model.modules():
+            if isinstance(holder, SharedCoefficients):
+                holder.corners = PlainSlices()
+    return model
+
+
+def cut_nodes(output: torch.Tensor) -> int:
+    """How many corner-cutting autograd nodes the graph of ``output`` holds."""
+    seen, todo, count = set(), [output.grad_fn], 0
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += "_CutCorners" in type(node).__name__
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return count
+
+
+def coefficients(model: nn.Module) -> torch.Tensor:
+    return next(p for n, p in model.named_parameters() if n.endswith("coefficients"))
+
+
+X = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("evaluation", ["kernel", "two-stage"])
+def test_cut_corners_give_the_derivatives_of_plain_slicing_to_second_order(evaluation: str) -> None:
+    def derivatives(model: Stack) -> list[torch.Tensor]:
+        params = list(model.parameters())
+        loss = model(X).square().sum()
+        first = torch.autograd.grad(loss, params, create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        return [*first, *torch.autograd.grad(penalty, params)]
+
+    cut, plain = derivatives(stack(evaluation)), derivatives(stack(evaluation, plain=True))
+    assert len(cut) == len(plain) == 2 * len(list(stack().parameters()))
+    for a, b in zip(cut, plain):
+        assert (a - b).abs().max().item() <= 1e-12 * max(1.0, b.abs().max().item())
+
+
+def test_one_cut_per_forward_pass_with_an_alias_per_full_size_reader() -> None:
+    model = stack()
+    holder = model.convs[0].shared
+    assert all(conv.shared.corners is holder.corners for conv in [*model.convs, model.skip])
+    assert holder.corners._readers == {(4, 3): 1, (4, 4): 1, (6, 4): 3, (4, 6): 1, (6, 6): 2}  # registered
+    expected = model(X)
+    assert cut_nodes(expected) == 1  # from the first pass on
+    (cut,) = holder.corners._cut.values()
+    # corners taken in the order of the pass; each 6x6 conv got its own full-size alias
+    assert [shape for shape, _ in cut.taken] == [(4, 3), (4, 4), (6, 4), (4, 6), (6, 6), (6, 6)]
+    assert not any(cut.waiting.values())
+    del expected  # its graph, and with it the corners it took: the next pass cuts anew
+    again = model(X)
+    assert cut_nodes(again) == 1 and next(iter(holder.corners._cut.values())) is not cut
+
+
+def test_a_conv_tied_without_registering_is_learnt_on_its_first_pass() -> None:
+    torch.manual_seed(0)
+    whole = ACDCConv2d(3, 6, 3, atoms=3, padding=1, atom_drop=0.0, dtype=torch.float64)  # A is 6 x 3
+    late = ACDCConv2d(6, 2, 1, atoms=3, dtype=torch.float64, atom_drop=0.0)
+    late.in_channels = 3  # reads A[:2, :3] of whole's coefficients, tied by hand: not registered
+    late.shared = whole.shared.tie()
+    corners = whole.shared.corners
+    assert corners.shapes == {(6, 3)}
+    first = late(whole(X)[:, :3])
+    assert corners.shapes == {(6, 3), (2, 3)} and cut_nodes(first) == 0  # it sliced for itself
+    second = late(whole(X)[:, :3])
+    assert cut_nodes(second) == 1 and torch.equal(first, second)
+
+
+def test_corners_are_reused_while_the_graph_lives_and_cut_again_after_a_change() -> None:
+    model = stack()
+    model(X)
+    one, two = model(X), model(X)  # two passes before one backward share one cut
+    assert cut_nodes(one + two) == 1
+    (one + two).sum().backward()
+    with torch.no_grad():  # an optimizer step: in place, so the version counter moves
+        coefficients(model).mul_(0.5)
+    after = model(X)
+    assert cut_nodes(after) == 1
+    reference = stack(plain=True)
+    reference.load_state_dict(model.state_dict())
+    assert torch.equal(after, reference(X))
+
+
+def test_no_cut_without_a_backward() -> None:
+    model = stack()
+    model(X)
+    a = coefficients(model)
+    conv = model.convs[2]  # reads A[:6, :4]
+    cuts = list(conv.shared.corners._cut.values())
+    with torch.no_grad():
+        view = conv.coefficient_view()
+        model(X)
+    assert view.data_ptr() == a.data_ptr() and view.shape == (6, 4, 3) and view.grad_fn is None  # a plain view
+    with torch.inference_mode():
+        model(X)
+    a.requires_grad_(False)
+    assert cut_nodes(model(X)) == 0
+    assert list(conv.shared.corners._cut.values()) == cuts  # nothing was cut for these passes
+
+
+def test_cut_corners_under_vmap_equal_one_task_at_a_time() -> None:
+    model = stack()
+    model(X)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    batched = {n: torch.stack([p * (1 + 0.1 * k) for k in range(3)]) for n, p in params.items()}
+    xs = torch.stack([X * (k + 1) for k in range(3)])
+
+    def loss(p: dict, x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, p, (x,)).square().sum()
+
+    together = torch.func.vmap(torch.func.grad(loss))(batched, xs)
+    shared_params = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)
+    for k in range(3):
+        alone = torch.func.grad(loss)({n: t[k] for n, t in batched.items()}, xs[k])
+        alone_shared = torch.func.grad(loss)(params, xs[k])
+        for name in params:
+            assert (together[name][k] - alone[name]).abs().max().item() <= 1e-10 * alone[name].abs().max().item()
+            assert (shared_params[name][k] - alone_shared[name]).abs().max().item() <= 1e-10 * max(
+                1.0, alone_shared[name].abs().max().item()
+            )
+
+
+def test_copies_keep_the_shapes_and_drop_the_cut_corners() -> None:
+    model = stack()
+    out = model(X)
+    corners = model.convs[0].shared.corners
+    assert len(corners._cut) == 1
+    twin = copy.deepcopy(model)
+    twin_corners = twin.convs[0].shared.corners
+    assert twin_corners is not corners and twin_corners._readers == corners._readers and not twin_corners._cut
+    assert all(conv.shared.corners is twin_corners for conv in twin.convs)  # still one per scope
+    assert cut_nodes(twin(X)) == 1 and torch.equal(twin(X), out)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.convs[3].shared.corners._readers == corners._readers
+    assert loaded.convs[3].shared.corners is loaded.convs[0].shared.corners
+    assert torch.equal(loaded(X), out)
+
+
+@pytest.mark.parametrize("c_in,c_out", [(3, 5), (4, 6)])  # 15 rows: one at a time; 24 rows: in pairs
+def test_kernel_reconstruction_equals_the_atom_sum(c_in: int, c_out: int) -> None:
+    torch.manual_seed(0)
+    conv = ACDCConv2d(c_in, c_out, (3, 2), atoms=4, atom_drop=0.0, dtype=torch.float64)
+    kernel = conv.kernel()
+    reference = torch.einsum("oik,khw->oihw", conv.coefficient_view(), conv.atoms)
+    assert kernel.shape == (c_out, c_in, 3, 2) and kernel.is_contiguous()
+    assert (kernel - reference).abs().max().item() <= 1e-14
+    g = torch.randn_like(kernel)
+    got = torch.autograd.grad(kernel, [conv.shared.coefficients, conv.atoms], g)
+    want = torch.autograd.grad(reference, [conv.shared.coefficients, conv.atoms], g)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max().item() <= 1e-13
+
+
+def test_kernel_macs_count_the_reconstruction_once() -> None:
+    assert ACDCConv2d(16, 32, 3, atoms=6).kernel_macs == 32 * 16 * 6 * 9
+    grouped = ACDCConv2d(8, 16, 3, atoms=2, group_size=4)  # 4 groups, each A[:4, :4] against its atoms
+    assert grouped.kernel_macs == 4 * 4 * 4 * 2 * 9
+    x = torch.randn(1, 8, 5, 5)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        F.conv2d(x, grouped.kernel(), None, 1, 0, 1, grouped.conv_groups)
+    assert counter.get_total_flops() == 2 * grouped.kernel_macs + 2 * 16 * 4 * 9 * 9
