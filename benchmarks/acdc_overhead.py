@@ -18,6 +18,13 @@ alternating order; ``ratio`` is the median over rounds of ACDC time / dense time
 ``--scope`` picks what the coefficients are shared over (default ``net``; ``layer`` gives every conv its
 own ``A``, so no layer reads a slice of a shared tensor).
 
+``--per-layer`` also times each 3×3 conv shape of the ResNets at 84 px (64→64 at 21×21 … 512→512 at
+3×3) alone at each batch: the dense conv against one ACDC layer forced to build its kernel and one forced
+to run two-stage (forward+backward, interleaved, ratios to dense), next to the intermediate/kernel size
+ratio that ``ACDCConv2d.prefers_two_stage`` compares: the evidence for its threshold.
+
+    python benchmarks/acdc_overhead.py --per-layer --batch 5 25 80
+
 Writes ``benchmarks/results/acdc_overhead.json`` (or ``--out``).
 """
 
@@ -61,6 +68,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed passes of each network first")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument(
+        "--per-layer", action="store_true", help="also time each ResNet conv shape alone: kernel vs two-stage"
+    )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/acdc_overhead.json)")
     args = p.parse_args(argv)
     if min(args.batch) < 1:
@@ -155,6 +165,65 @@ def measure(backbone: str, batch: int, args: argparse.Namespace, device: torch.d
     return row
 
 
+# (in, out, input size, stride): the 3x3 convs of Chen et al.'s ResNets at 84 px with the ImageNet stem
+RESNET_CONV_SHAPES = (
+    (64, 64, 21, 1),
+    (64, 128, 21, 2),
+    (128, 128, 11, 1),
+    (128, 256, 11, 2),
+    (256, 256, 6, 1),
+    (256, 512, 6, 2),
+    (512, 512, 3, 1),
+)
+
+
+def measure_layer(
+    shape: tuple[int, int, int, int], batch: int, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """One conv shape alone: dense against an ACDC layer in each evaluation, forward+backward."""
+    from fewshot.acdc import ACDCConv2d
+
+    c_in, c_out, size, stride = shape
+    torch.manual_seed(0)
+    x = torch.randn(batch, c_in, size, size, device=device, requires_grad=True)
+    layers: dict[str, nn.Module] = {"dense": nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)}
+    for evaluation in ("kernel", "two-stage"):
+        layer = ACDCConv2d(c_in, c_out, 3, args.atoms, stride=stride, padding=1, bias=False, atom_drop=args.atom_drop)
+        layer.evaluation = evaluation
+        layers[evaluation] = layer
+    for layer in layers.values():
+        layer.to(device).train()
+    grad = torch.randn_like(layers["dense"](x))
+
+    def step(layer: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            layer(x).backward(grad)
+
+        return run
+
+    steps = {name: step(layer) for name, layer in layers.items()}
+    for _ in range(args.warmup):
+        for run in steps.values():
+            run()
+    times = common.interleaved_times(steps, args.rounds, common.synchronizer(device))
+    auto = ACDCConv2d(c_in, c_out, 3, args.atoms, stride=stride, padding=1, bias=False).to(device)
+    positions = batch * ((size - 1) // stride + 1) ** 2
+    row: dict[str, Any] = {
+        "shape": f"{c_in}->{c_out} at {size}x{size}, stride {stride}",
+        "batch": batch,
+        "intermediate_over_kernel": round(positions * args.atoms / (c_out * 9), 4),
+        "auto_runs_two_stage": auto.prefers_two_stage(x, auto.padding),
+        "dense_ms": common.summarize_ms(times["dense"])["median_ms"],
+    }
+    for name in ("kernel", "two-stage"):
+        q1, ratio, q3 = common.quartiles([a / d for a, d in zip(times[name], times["dense"])])
+        row[f"{name}_ratio"] = round(ratio, 4)
+        row[f"{name}_ratio_iqr"] = round(q3 - q1, 4)
+    return row
+
+
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
@@ -190,6 +259,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"{row['two_stage_layers']}/{row['acdc_layers']}",
                 flush=True,
             )
+    if args.per_layer:
+        result["layers"] = []
+        for batch in args.batch:
+            for shape in RESNET_CONV_SHAPES:
+                row = measure_layer(shape, batch, args, device)
+                result["layers"].append(row)
+                print(
+                    f"layer {row['shape']}, batch {batch}: dense {row['dense_ms']:.2f} ms, kernel "
+                    f"{row['kernel_ratio']:.2f}x, two-stage {row['two-stage_ratio']:.2f}x "
+                    f"(intermediate/kernel {row['intermediate_over_kernel']:.3f}, auto: "
+                    f"{'two-stage' if row['auto_runs_two_stage'] else 'kernel'})",
+                    flush=True,
+                )
     result["machine"]["load_average_1min_at_end"] = common.load_average()
     result["seconds"] = round(time.perf_counter() - start, 1)
     common.save_result(args.out, "acdc_overhead", result)

@@ -296,6 +296,21 @@ def test_acdc_overhead_smoke(tmp_path: Path) -> None:
     assert result["settings"]["acdc"] == "net"
 
 
+def test_acdc_overhead_per_layer_times_every_resnet_conv_shape(tmp_path: Path) -> None:
+    acdc_overhead = load("acdc_overhead")
+    argv = ["--backbones", "conv4", "--image-size", "16", "--batch", "1", "2", "--rounds", "1", "--warmup", "0"]
+    result = acdc_overhead.main([*argv, "--threads", "1", "--per-layer", "--out", str(tmp_path / "layers.json")])
+    rows = result["layers"]
+    assert [row["batch"] for row in rows] == [1] * 7 + [2] * 7
+    assert rows[0]["shape"] == "64->64 at 21x21, stride 1" and rows[6]["shape"] == "512->512 at 3x3, stride 1"
+    last = rows[13]  # 512->512 at 3x3, batch 2: 18 positions x 8 atoms against 512 x 9
+    assert last["intermediate_over_kernel"] == pytest.approx(2 * 9 * 8 / (512 * 9), abs=1e-4)
+    for row in rows:
+        assert row["dense_ms"] > 0 and row["kernel_ratio"] > 0 and row["two-stage_ratio"] > 0
+        assert row["auto_runs_two_stage"] == (4 * row["intermediate_over_kernel"] <= 1 + 1e-9)
+    assert "layers" not in acdc_overhead.main([*argv, "--threads", "1", "--out", str(tmp_path / "no.json")])
+
+
 def test_acdc_overhead_scope_layer_gives_every_conv_its_own_coefficients(tmp_path: Path) -> None:
     acdc_overhead = load("acdc_overhead")
     tiny = [

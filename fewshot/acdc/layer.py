@@ -321,8 +321,9 @@ class _ContiguousGrad(torch.autograd.Function):
 def _tall_matmul(rows: Tensor, weight: Tensor) -> Tensor:
     """``rows @ weight`` for a tall ``rows`` (``R x k``) and a small ``weight`` (``k x j``, both a few to a
     few dozen): taken two rows at a time against ``weight`` twice on a block diagonal,
-    ``(R/2 x 2k) @ (2k x 2j)``. The same values, 2-3x faster forward and backward on CPU, where BLAS runs
-    the narrow product poorly (a 262,144 x 8 by 8 x 9 product: 2.3 ms against 1.1 ms; benchmarks/README.md).
+    ``(R/2 x 2k) @ (2k x 2j)``: the same values with twice the (tiny) arithmetic, and faster forward and
+    backward on CPU, where BLAS runs the k-wide product poorly (pairs beat groups of 4 or 8 there). The
+    kernel form's cost at ResNet shapes: ``python benchmarks/acdc_overhead.py --per-layer``.
     """
     r, k = rows.shape
     if r % 2:
