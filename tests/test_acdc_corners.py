@@ -217,3 +217,23 @@ def test_kernel_macs_count_the_reconstruction_once() -> None:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         F.conv2d(x, grouped.kernel(), None, 1, 0, 1, grouped.conv_groups)
     assert counter.get_total_flops() == 2 * grouped.kernel_macs + 2 * 16 * 4 * 9 * 9
+
+
+def test_expand_registers_every_conv_with_its_new_owner() -> None:
+    from fewshot.acdc import acdc_convs, expand
+    from fewshot.backbones import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone("resnet10", acdc="net", atoms=2, width=4, stem="small")
+    expand(model, "block")
+    owners: dict[int, list[ACDCConv2d]] = {}
+    for _, conv in acdc_convs(model):
+        owners.setdefault(id(conv.shared.corners), []).append(conv)
+    assert len(owners) > 1
+    for convs in owners.values():
+        readers = convs[0].shared.corners._readers
+        assert sum(readers.values()) == len(convs)
+        assert sorted(readers) == sorted({conv.coefficient_shape for conv in convs})
+    out = model(torch.randn(2, 3, 16, 16))
+    with_corners = sum(1 for convs in owners.values() if len(convs[0].shared.corners.shapes) > 1)
+    assert cut_nodes(out) == with_corners  # registered: cut from the first pass on

@@ -594,10 +594,10 @@ class ACDCConv2d(nn.Module):
         values instead of the ``c_out·c_in·kh·kw`` kernel; it is taken when that is at most a quarter of
         the kernel: the deepest layers on small batches (a MAML support set), where building and
         differentiating the kernel costs more than the convolution itself. Measured per layer
-        (``benchmarks/README.md``, ACDC overhead): at a quarter or less the two-stage form wins (ResNet's
-        last stage at batch 5: 360 against 4,608), from about half on the kernel form does (ResNet's
-        third stage at batch 5, the last stage at batch 25). Plain layers only, and not under
-        ``torch.func.vmap`` (not measured there).
+        (``python benchmarks/acdc_overhead.py --per-layer``): at 0.078 of the kernel (ResNet's last stage
+        at batch 5) the two-stage form wins, at 0.391 (that stage at batch 25) and 0.625 (the third stage
+        at batch 5) the kernel form does. Plain layers only, and not under ``torch.func.vmap`` (not
+        measured there).
         """
         if self.grouped or x.dim() != 4 or self.evaluation == "kernel":
             return False
