@@ -105,17 +105,14 @@ class _CutCorners(torch.autograd.Function):
         for (rows, cols), g in zip(ctx.shapes, grads):  # largest first
             if g is None:
                 continue
+            padding = (0, 0, 0, cols_full - cols, 0, rows_full - rows)
             if total is None:  # the largest gradient present, padded to full size, becomes the sum
-                total = (
-                    F.pad(g, (0, 0, 0, cols_full - cols, 0, rows_full - rows))
-                    if (rows, cols) != ctx.full
-                    else g.clone()
-                )
+                total = g.clone() if (rows, cols) == ctx.full else F.pad(g, padding)
                 continue
             try:
                 total[:rows, :cols] += g
             except RuntimeError:  # under vmap, an unbatched sum cannot take a batched gradient in place
-                total = total + F.pad(g, (0, 0, 0, cols_full - cols, 0, rows_full - rows))
+                total = total + F.pad(g, padding)
         return total, None
 
 
@@ -359,21 +356,22 @@ def _reversed_padding(padding: _PaddingArg, kernel_size: tuple[int, int], dilati
     return [pw, pw, ph, ph]
 
 
-def _output_area(
+def _output_size(
     size: Sequence[int],
     padding: _PaddingArg,
     kernel_size: tuple[int, int],
     stride: tuple[int, int],
     dilation: tuple[int, int],
-) -> int:
-    """``H_out * W_out`` of a convolution of an ``H x W`` input (the formula of ``nn.Conv2d``)."""
+) -> tuple[int, int]:
+    """``(H_out, W_out)`` of a convolution of an ``H x W`` input (the formula of ``nn.Conv2d``)."""
     if padding == "same":
-        return size[0] * size[1]
+        return size[0], size[1]
     pad = (0, 0) if padding == "valid" else _pair(padding)
-    area = 1
-    for extent, p, k, s, d in zip(size, pad, kernel_size, stride, dilation):
-        area *= (extent + 2 * p - d * (k - 1) - 1) // s + 1
-    return area
+    h_out, w_out = (
+        (extent + 2 * p - d * (k - 1) - 1) // s + 1
+        for extent, p, k, s, d in zip(size, pad, kernel_size, stride, dilation)
+    )
+    return h_out, w_out
 
 
 def _under_vmap() -> bool:
@@ -606,7 +604,8 @@ class ACDCConv2d(nn.Module):
         if _under_vmap():
             return False
         kh, kw = self.kernel_size
-        positions = x.shape[0] * _output_area(x.shape[-2:], padding, self.kernel_size, self.stride, self.dilation)
+        h_out, w_out = _output_size(x.shape[-2:], padding, self.kernel_size, self.stride, self.dilation)
+        positions = x.shape[0] * h_out * w_out
         return 4 * positions * self.num_atoms <= self.out_channels * kh * kw
 
     def _two_stage(self, x: Tensor, mask: Tensor | None, bias: Tensor | None, padding: _PaddingArg) -> Tensor:
@@ -618,10 +617,7 @@ class ACDCConv2d(nn.Module):
         n, c = x.shape[:2]
         m = self.num_atoms
         taps = self.kernel_size[0] * self.kernel_size[1]
-        h_out, w_out = (
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, p, k, s, d in zip(x.shape[-2:], padding, self.kernel_size, self.stride, self.dilation)
-        )
+        h_out, w_out = _output_size(x.shape[-2:], padding, self.kernel_size, self.stride, self.dilation)
         positions = n * h_out * w_out
         # (N, c_in*taps, L) -> (c_in, taps, N*L): one column per output position of every image
         cols = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)
