@@ -181,6 +181,7 @@ def step_costs(settings: Sequence[Mapping[str, Any]], rounds: int) -> list[float
     from common import write_settings
 
     from fewshot.cli import build_learner, build_parser, episode_source, resolve
+    from fewshot.cli.fewshot import MEMORY_FORMATS
     from fewshot.config import parse_args_with_config
 
     contenders = []
@@ -195,7 +196,11 @@ def step_costs(settings: Sequence[Mapping[str, Any]], rounds: int) -> list[float
         learner, _ = build_learner(args, source.dataset.channels)
         learner.train()
         optimizer = torch.optim.Adam(learner.parameters(), lr=args.lr)
-        batches = [[source[i * args.meta_batch + k] for k in range(args.meta_batch)] for i in range(rounds + 1)]
+        layout = MEMORY_FORMATS[args.memory_format]  # as run_maml.py lays out learner and images
+        batches = [
+            [source[i * args.meta_batch + k].to("cpu", memory_format=layout) for k in range(args.meta_batch)]
+            for i in range(rounds + 1)
+        ]
         contenders.append((learner, optimizer, batches, args.meta_batch))
     times: list[list[float]] = [[] for _ in contenders]
     for r in range(rounds + 1):

@@ -54,8 +54,11 @@ def evaluate(
     total: int | None = None,
     batch: int = 1,
     info: DistInfo | None = None,
+    memory_format: torch.memory_format = torch.preserve_format,
 ) -> EvaluationResult:
     """Accuracy of the learner's predictions on every episode, in order.
+
+    Each episode is moved to ``device`` with its images in ``memory_format`` (``Episode.to``).
 
     ``batch`` episodes at a time go to ``learner.predict_batch`` (MAML with ``vectorize`` runs them through
     one ``vmap``); it computes the same logits at every ``batch``. Only floating-point rounding can differ:
@@ -71,13 +74,13 @@ def evaluate(
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     if info is None or not info.distributed:
-        accuracies = _accuracies(learner, episodes, device, batch, progress, total)
+        accuracies = _accuracies(learner, episodes, device, batch, progress, total, memory_format)
     else:
         if not (hasattr(episodes, "__len__") and hasattr(episodes, "__getitem__")):
             raise TypeError("evaluation across processes needs an indexable episode source (an EpisodeSampler)")
         n, world = len(episodes), info.world_size
         mine = (episodes[i] for i in range(info.rank, n, world))
-        local = _accuracies(learner, mine, device, batch, progress and info.is_main, -(-n // world))
+        local = _accuracies(learner, mine, device, batch, progress and info.is_main, -(-n // world), memory_format)
         parts = all_gather_objects(local, info)
         accuracies = [parts[i % world][i // world] for i in range(n)]
     if not accuracies:
@@ -86,7 +89,13 @@ def evaluate(
 
 
 def _accuracies(
-    learner: Learner, episodes: Iterable[Episode], device: torch.device | str, batch: int, progress: bool, total
+    learner: Learner,
+    episodes: Iterable[Episode],
+    device: torch.device | str,
+    batch: int,
+    progress: bool,
+    total: int | None,
+    memory_format: torch.memory_format,
 ) -> list[float]:
     """Per-episode query accuracies, ``batch`` episodes at a time, with a progress bar showing the running CI."""
     accuracies: list[float] = []
@@ -106,7 +115,7 @@ def _accuracies(
             bar.set_postfix(acc=f"{running.mean:.2f}±{running.ci95:.2f}")
 
     for episode in episodes:
-        pending.append(episode.to(device))
+        pending.append(episode.to(device, memory_format=memory_format))
         if len(pending) == batch:
             flush()
     if pending:

@@ -296,6 +296,27 @@ def test_acdc_overhead_smoke(tmp_path: Path) -> None:
     assert result["settings"]["acdc"] == "net"
 
 
+def test_memory_format_times_both_layouts_of_the_main_job(tmp_path: Path) -> None:
+    memory_format = load("memory_format")
+    out = tmp_path / "mf.json"
+    argv = ["--configs", "main-acdc", "--rounds", "2", "--meta-batch", "1", "--threads", "1", "--out", str(out)]
+    result = memory_format.main(argv)
+    assert list(result["configs"]) == ["main-acdc"]
+    for kind in ("train_step", "predict"):
+        row = result["configs"]["main-acdc"][kind]
+        times = {layout: row["contenders"][layout]["times_ms"] for layout in ("contiguous", "channels_last")}
+        assert all(len(t) == 2 for t in times.values())
+        ratios = [c / p for c, p in zip(times["channels_last"], times["contiguous"])]
+        assert row["ratio"] == pytest.approx(sum(ratios) / 2, rel=1e-3)  # median of two rounds
+    assert json.loads(out.read_text())["configs"] == json.loads(json.dumps(result["configs"]))
+    settings, channels = memory_format.run_settings("chen-resnet10")
+    chen = (settings.backbone, settings.width, settings.image_size, settings.atoms, channels)
+    assert chen == ("resnet10", 64, 84, 8, 3)
+    with pytest.raises(SystemExit):
+        memory_format.main(["--configs", "main-acdc", "--rounds", "0", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_acdc_overhead_per_layer_times_every_resnet_conv_shape(tmp_path: Path) -> None:
     acdc_overhead = load("acdc_overhead")
     argv = ["--backbones", "conv4", "--image-size", "16", "--batch", "1", "2", "--rounds", "1", "--warmup", "0"]

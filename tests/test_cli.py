@@ -145,6 +145,7 @@ def fails(capsys, argv: list[str], out: Path, method: str | None = None, one_lin
         (["--acdc", "g-net"], "maml", ["--acdc g-net needs --group-size"]),
         (["--group-size", "4"], "maml", ["--group-size 4 applies only to the grouped scopes", "--acdc none"]),
         (["--eval-only"], "maml", ["--eval-only needs --checkpoint"]),
+        (["--memory-format", "nhwc"], "maml", ["--memory-format", "invalid choice: 'nhwc'", "channels_last"]),
         (["--inner-lr", "nan"], "maml", ["--inner-lr must be a finite number > 0, got nan"]),
         (["--inner-lr", "-0.5"], "maml", ["--inner-lr must be a finite number > 0, got -0.5"]),
         (["--test-inner-lr", "inf"], "maml", ["--test-inner-lr must be a finite number > 0, got inf"]),

@@ -380,6 +380,14 @@ def _under_vmap() -> bool:
     return bool(stack) and any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
 
 
+def _layout_of(x: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4-D tensor with channels-last strides (channels innermost), else
+    contiguous: the layout ``F.conv2d`` gives its output for this input, which the two-stage form keeps too."""
+    if x.dim() != 4 or _under_vmap() or x.stride(1) != 1 or not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
 class ACDCConv2d(nn.Module):
     """Conv2d whose kernel is ``K[o, i] = sum_k A[o, i, k] * D[k]`` (see the module docstring).
 
@@ -628,7 +636,7 @@ class ACDCConv2d(nn.Module):
         z = z.view(c, positions, m).transpose(1, 2).reshape(c * m, positions)  # rows i*m + k
         a = self.coefficient_view().reshape(self.out_channels, c * m)  # [o, i*m + k] = A[o, i, k]
         y = a @ z if bias is None else torch.addmm(bias.unsqueeze(1), a, z)  # (c_out, N*L)
-        return y.view(self.out_channels, n, h_out, w_out).transpose(0, 1).contiguous()
+        return y.view(self.out_channels, n, h_out, w_out).transpose(0, 1).contiguous(memory_format=_layout_of(x))
 
     def extra_repr(self) -> str:
         s = (

@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""channels_last against contiguous (NCHW) memory layout: MAML meta-steps and predictions, per configuration.
+
+``run_maml.py --memory-format auto`` (the default) stores the learner's 4-D weights and every episode's
+images channels-last on a CPU (``Module.to`` / ``Episode.to(memory_format=...)``); the values, and so the
+results up to float rounding, are the same (``tests/test_memory_format.py``). This measures what the
+layout costs or saves where MAML spends its time, one interleaved run per configuration:
+
+- ``main-acdc``: the README's main job (``configs/maml_glyphs_demo.yaml``: Conv4 width 32, ACDC-net
+  m=16, one-channel 28×28 glyphs, first order, learned inner step sizes, 5 inner steps, 10 at test);
+- ``main-dense``: the same with the dense Conv4;
+- ``sweep-resnet10`` / ``sweep-resnet18``: the depth sweep's ResNets (width 16, small stem, the main
+  job's settings otherwise), ACDC-net;
+- ``chen-resnet10``: Chen et al.'s ResNet10 (width 64, ImageNet stem, three-channel 84×84), ACDC-net m=8,
+  inner lr 0.01 and 5 steps in training and test (the main job's otherwise).
+
+Each configuration times a meta-step (``backward_batch`` of a meta-batch of 4 synthetic 5-way 1-shot
+episodes, 16 queries per class) and the test-time ``predict`` of 4 episodes (15 queries per class), both
+layouts built from the same seed and interleaved round by round.
+
+    python benchmarks/memory_format.py                         # everything, 5 rounds
+    python benchmarks/memory_format.py --configs main-acdc main-dense --rounds 7
+
+Writes ``benchmarks/results/memory_format.json`` (or ``--out``): per configuration and measurement the
+medians, IQRs and ``ratio`` = median over rounds of (channels_last ms / contiguous ms); < 1: channels_last
+is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+from fewshot.cli import build_learner, build_parser, resolve  # noqa: E402
+from fewshot.config import cli_main, parse_args_with_config  # noqa: E402
+from fewshot.data.episode import Episode  # noqa: E402
+
+MAIN_CONFIG = common.REPO / "configs" / "maml_glyphs_demo.yaml"
+# configuration -> (run_maml.py flags on top of the main job's config, image channels)
+CONFIGS: dict[str, tuple[list[str], int]] = {
+    "main-acdc": ([], 1),
+    "main-dense": (["--acdc", "none"], 1),
+    "sweep-resnet10": (["--backbone", "resnet10", "--width", "16", "--stem", "small"], 1),
+    "sweep-resnet18": (["--backbone", "resnet18", "--width", "16", "--stem", "small"], 1),
+    "chen-resnet10": (
+        [
+            "--backbone",
+            "resnet10",
+            "--width",
+            "64",
+            "--stem",
+            "imagenet",
+            "--image-size",
+            "84",
+            "--atoms",
+            "8",
+            "--inner-lr",
+            "0.01",
+            "--test-inner-lr",
+            "0.01",
+            "--test-inner-steps",
+            "5",
+        ],
+        3,
+    ),
+}
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", choices=tuple(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement")
+    p.add_argument("--meta-batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/memory_format.json)")
+    args = p.parse_args(argv)
+    for name in ("rounds", "meta_batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def run_settings(name: str) -> tuple[argparse.Namespace, int]:
+    """The resolved run_maml.py settings of configuration ``name`` and its image channels."""
+    flags, channels = CONFIGS[name]
+    argv = ["--config", str(MAIN_CONFIG), *flags, "--device", "cpu", "--out", "unused"]
+    return resolve(parse_args_with_config(build_parser("maml"), argv)), channels
+
+
+def episodes(settings: argparse.Namespace, channels: int, count: int, queries: int, seed: int) -> list[Episode]:
+    """``count`` synthetic episodes whose classes differ by a per-channel mean (fixed seed)."""
+    g = torch.Generator().manual_seed(seed)
+    ways, shots, size = settings.ways, settings.shots, settings.image_size
+    made = []
+    for _ in range(count):
+        means = torch.randn(ways, channels, 1, 1, generator=g)
+        support_labels = torch.arange(ways).repeat_interleave(shots)
+        query_labels = torch.arange(ways).repeat_interleave(queries)
+        support = means[support_labels] + torch.randn(len(support_labels), channels, size, size, generator=g)
+        query = means[query_labels] + torch.randn(len(query_labels), channels, size, size, generator=g)
+        made.append(Episode(support, support_labels, query, query_labels, torch.arange(ways)))
+    return made
+
+
+def contenders(name: str, args: argparse.Namespace) -> dict[str, dict[str, Callable[[], None]]]:
+    """``{"train_step": {layout: step}, "predict": {layout: step}}`` for configuration ``name``."""
+    settings, channels = run_settings(name)
+    train = episodes(settings, channels, args.meta_batch, settings.queries, seed=1)
+    test = episodes(settings, channels, args.meta_batch, settings.test_queries, seed=2)
+    steps: dict[str, dict[str, Callable[[], None]]] = {"train_step": {}, "predict": {}}
+    for layout, memory_format in LAYOUTS.items():
+        settings.memory_format = layout
+        torch.manual_seed(0)
+        learner, _ = build_learner(settings, channels)
+        train_batch = [e.to("cpu", memory_format=memory_format) for e in train]
+        test_batch = [e.to("cpu", memory_format=memory_format) for e in test]
+
+        def train_step(learner=learner, batch=train_batch) -> None:
+            learner.train()
+            learner.zero_grad(set_to_none=True)
+            learner.backward_batch(batch)
+
+        def predict(learner=learner, batch=test_batch) -> None:
+            learner.eval()
+            learner.predict_batch(batch)
+
+        steps["train_step"][layout], steps["predict"][layout] = train_step, predict
+    return steps
+
+
+def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for kind, fns in contenders(name, args).items():
+        for fn in fns.values():  # warm-up
+            fn()
+        times = common.interleaved_times(fns, args.rounds)
+        ratios = sorted(c / p for c, p in zip(times["channels_last"], times["contiguous"]))
+        q1, ratio, q3 = common.quartiles(ratios)
+        result[kind] = {
+            "ratio": round(ratio, 4),
+            "ratio_iqr": round(q3 - q1, 4),
+            "contenders": {layout: common.summarize_ms(t) for layout, t in times.items()},
+        }
+        print(
+            f"{name} {kind}: contiguous {result[kind]['contenders']['contiguous']['median_ms']:.0f} ms, "
+            f"channels_last {result[kind]['contenders']['channels_last']['median_ms']:.0f} ms, "
+            f"ratio {ratio:.2f} (IQR {q3 - q1:.2f})",
+            flush=True,
+        )
+    return result
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    device = common.prepare_device("cpu", args.threads)
+    payload: dict[str, Any] = {
+        "benchmark": "memory_format",
+        "command": common.command_line("memory_format", argv),
+        "machine": common.machine(device),
+        "settings": {"rounds": args.rounds, "meta_batch": args.meta_batch},
+        "configs": {name: measure(name, args) for name in args.configs},
+        "notes": "ratio = median over rounds of (channels_last ms / contiguous ms) within the round; < 1: "
+        "channels_last is faster. train_step: backward_batch of the meta-batch; predict: predict_batch of "
+        "as many test episodes.",
+    }
+    payload["machine"]["load_average_1min_at_end"] = common.load_average()
+    common.save_result(args.out, "memory_format", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
