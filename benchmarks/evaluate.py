@@ -9,7 +9,9 @@ Chen et al.'s ResNet10. Two implementations:
 
 - ``ours``: ``evaluate(learner, episodes, batch=K)`` with ``fewshot.learners.MAML`` (``predict_batch``:
   K episodes through one ``torch.func.vmap`` with ``--vectorize on``, else one after the other;
-  first-order inner loop, no graph to the meta-parameters);
+  first-order inner loop, no graph to the meta-parameters), with weights and images laid out as
+  ``run_maml.py`` lays them out (``--memory-format``, default auto: channels_last on a CPU; pass
+  ``contiguous`` to compare the implementations alone);
 - ``loop``: what a user writes: ``copy.deepcopy(model)``, ``torch.optim.SGD`` on the support loss,
   prediction under ``torch.no_grad()``; BatchNorm transductive (train mode: batch statistics), every
   other module in eval mode (so ACDC atom-drop is off, as in ``MAML.predict`` under ``learner.eval()``).
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import DTYPES  # noqa: E402
 
+from fewshot.cli.fewshot import MEMORY_FORMATS  # noqa: E402
 from fewshot.config import cli_main  # noqa: E402
 from fewshot.data.episode import Episode  # noqa: E402
 from fewshot.evaluation import EvaluationResult, episode_accuracy, evaluate  # noqa: E402
@@ -75,6 +78,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default="on",
         help="ours: K episodes through one vmap (on, as the main job) or one after the other (off, "
         "MAML's default; faster for full-width networks on a CPU)",
+    )
+    p.add_argument(
+        "--memory-format",
+        choices=("auto", "channels_last", "contiguous"),
+        default="auto",
+        help="ours: the layout of the learner's weights and the episodes' images, as run_maml.py's flag (auto: "
+        "channels_last on a CPU); the loop always runs the model as built (contiguous)",
     )
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -136,8 +146,10 @@ def loop_accuracies(model: nn.Module, episodes: Sequence[Episode], args: argpars
     return [episode_accuracy(loop_predict(model, e, args.steps, args.lr), e.query_labels) for e in episodes]
 
 
-def ours_accuracies(learner: MAML, episodes: Sequence[Episode], args: argparse.Namespace) -> list[float]:
-    return evaluate(learner, episodes, progress=False, batch=args.batch).accuracies
+def ours_accuracies(
+    learner: MAML, episodes: Sequence[Episode], args: argparse.Namespace, layout: torch.memory_format
+) -> list[float]:
+    return evaluate(learner, episodes, progress=False, batch=args.batch, memory_format=layout).accuracies
 
 
 @cli_main
@@ -146,8 +158,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = common.prepare_device(args.device, args.threads)
     sync = common.synchronizer(device)
     learner = build_learner(args, device)
+    if args.memory_format == "auto":
+        args.memory_format = "channels_last" if device.type == "cpu" else "contiguous"
+    layout = MEMORY_FORMATS[args.memory_format]
+    ours_learner = copy.deepcopy(learner).to(memory_format=layout)  # the same weights, laid out as run_maml.py does
     runs = {
-        "ours": lambda chunk: ours_accuracies(learner, chunk, args),
+        "ours": lambda chunk: ours_accuracies(ours_learner, chunk, args, layout),
         "loop": lambda chunk: loop_accuracies(learner, chunk, args),
     }
     start = time.perf_counter()
@@ -209,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "episodes": args.episodes,
             "batch": args.batch,
             "vectorize": args.vectorize,
+            "memory_format": args.memory_format,
             "warmup_rounds": args.warmup,
             "dtype": args.dtype,
             "seed": args.seed,

@@ -231,6 +231,7 @@ def test_evaluate_smoke_same_accuracies(tmp_path: Path) -> None:
     assert result["speedup"] > 0
     assert len(result["contenders"]["ours"]["round_seconds"]) == 3  # rounds of 2, 2, 1 episodes
     assert json.loads((tmp_path / "evaluate.json").read_text())["speedup"] == result["speedup"]
+    assert result["settings"]["memory_format"] == "channels_last"  # auto on a CPU, as run_maml.py
 
 
 def test_evaluate_loop_adapts_the_copy_not_the_model() -> None:
