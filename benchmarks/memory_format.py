@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    started = time.perf_counter()
     device = common.prepare_device("cpu", args.threads)
     payload: dict[str, Any] = {
         "benchmark": "memory_format",
@@ -175,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "as many test episodes.",
     }
     payload["machine"]["load_average_1min_at_end"] = common.load_average()
+    payload["seconds"] = round(time.perf_counter() - started, 1)
     common.save_result(args.out, "memory_format", payload)
     return payload
 
