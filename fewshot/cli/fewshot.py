@@ -129,8 +129,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         choices=("auto", *MEMORY_FORMATS),
         default="auto",
         help="how the model's weights and the images are laid out in memory (the same values either way): "
-        "auto is channels_last on a CPU (measured 1.2-2x faster there: benchmarks/memory_format.py) and "
-        "contiguous elsewhere (not measured on a GPU)",
+        "auto is channels_last on a CPU (meta-steps 1.1-1.25x faster there, benchmarks/memory_format.py) "
+        "and contiguous elsewhere (not measured on a GPU)",
     )
     return p
 
