@@ -35,15 +35,15 @@ PROBE_PREFIX = "PROBE-RESULT "
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def synthetic_episode(g: torch.Generator, args: Any, dtype: torch.dtype) -> Any:
-    """A synthetic episode whose classes differ by a per-channel mean, drawn from ``g``
-    (``args`` gives ways, shots, queries, image_size)."""
+def synthetic_episode(g: torch.Generator, args: Any, dtype: torch.dtype, channels: int = 3) -> Any:
+    """A synthetic episode of ``channels``-channel images whose classes differ by a per-channel mean, drawn
+    from ``g`` (``args`` gives ways, shots, queries, image_size)."""
     from fewshot.data.episode import Episode
 
-    means = torch.randn(args.ways, 3, 1, 1, generator=g)
+    means = torch.randn(args.ways, channels, 1, 1, generator=g)
     labels_s = torch.arange(args.ways).repeat_interleave(args.shots)
     labels_q = torch.arange(args.ways).repeat_interleave(args.queries)
-    shape = (3, args.image_size, args.image_size)
+    shape = (channels, args.image_size, args.image_size)
     support = (means[labels_s] + torch.randn(len(labels_s), *shape, generator=g)).to(dtype)
     query = (means[labels_q] + torch.randn(len(labels_q), *shape, generator=g)).to(dtype)
     return Episode(support, labels_s, query, labels_q, torch.arange(args.ways))

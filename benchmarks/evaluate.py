@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import DTYPES  # noqa: E402
 
-from fewshot.cli.fewshot import MEMORY_FORMATS  # noqa: E402
+from fewshot.cli.fewshot import MEMORY_FORMATS, resolved_memory_format  # noqa: E402
 from fewshot.config import cli_main  # noqa: E402
 from fewshot.data.episode import Episode  # noqa: E402
 from fewshot.evaluation import EvaluationResult, episode_accuracy, evaluate  # noqa: E402
@@ -81,7 +81,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--memory-format",
-        choices=("auto", "channels_last", "contiguous"),
+        choices=("auto", *MEMORY_FORMATS),
         default="auto",
         help="ours: the layout of the learner's weights and the episodes' images, as run_maml.py's flag (auto: "
         "channels_last on a CPU); the loop always runs the model as built (contiguous)",
@@ -158,8 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = common.prepare_device(args.device, args.threads)
     sync = common.synchronizer(device)
     learner = build_learner(args, device)
-    if args.memory_format == "auto":
-        args.memory_format = "channels_last" if device.type == "cpu" else "contiguous"
+    args.memory_format = resolved_memory_format(args.memory_format, device)
     layout = MEMORY_FORMATS[args.memory_format]
     ours_learner = copy.deepcopy(learner).to(memory_format=layout)  # the same weights, laid out as run_maml.py does
     runs = {

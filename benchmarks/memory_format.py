@@ -99,18 +99,12 @@ def run_settings(name: str) -> tuple[argparse.Namespace, int]:
 
 
 def episodes(settings: argparse.Namespace, channels: int, count: int, queries: int, seed: int) -> list[Episode]:
-    """``count`` synthetic episodes whose classes differ by a per-channel mean (fixed seed)."""
+    """``count`` synthetic episodes (``common.synthetic_episode``) of the run's ways, shots and image size."""
     g = torch.Generator().manual_seed(seed)
-    ways, shots, size = settings.ways, settings.shots, settings.image_size
-    made = []
-    for _ in range(count):
-        means = torch.randn(ways, channels, 1, 1, generator=g)
-        support_labels = torch.arange(ways).repeat_interleave(shots)
-        query_labels = torch.arange(ways).repeat_interleave(queries)
-        support = means[support_labels] + torch.randn(len(support_labels), channels, size, size, generator=g)
-        query = means[query_labels] + torch.randn(len(query_labels), channels, size, size, generator=g)
-        made.append(Episode(support, support_labels, query, query_labels, torch.arange(ways)))
-    return made
+    sizes = argparse.Namespace(
+        ways=settings.ways, shots=settings.shots, queries=queries, image_size=settings.image_size
+    )
+    return [common.synthetic_episode(g, sizes, torch.float32, channels) for _ in range(count)]
 
 
 def contenders(name: str, args: argparse.Namespace) -> dict[str, dict[str, Callable[[], None]]]:

@@ -73,6 +73,13 @@ BASE_CLASS_TRAINING_DEFAULTS: dict[str, Any] = {"pretrain_epochs": 400, "pretrai
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
+def resolved_memory_format(choice: str, device: torch.device) -> str:
+    """``--memory-format`` with ``auto`` made concrete: channels_last on a CPU, contiguous elsewhere."""
+    if choice != "auto":
+        return choice
+    return "channels_last" if device.type == "cpu" else "contiguous"
+
+
 def method_defaults(method: str) -> dict[str, Any]:
     """The defaults of ``method``'s own options: its learner's keyword defaults (read from its signature,
     so the learner is the one home of each value), and base-class training's for the Baselines."""
@@ -334,9 +341,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.stem is not None and not args.backbone.startswith("resnet"):
         raise ValueError(f"--stem applies to the ResNet backbones, not --backbone {args.backbone}")
     # a device this machine lacks is refused here; torchrun picks each rank's later
-    device = resolve_device(args.device)
-    if args.memory_format == "auto":
-        args.memory_format = "channels_last" if device.type == "cpu" else "contiguous"
+    args.memory_format = resolved_memory_format(args.memory_format, resolve_device(args.device))
     if args.out is None:
         acdc = args.acdc if args.acdc == "none" else f"acdc-{args.acdc}-m{args.atoms}"
         args.out = str(Path("runs") / f"{args.dataset}_{args.method}_{args.backbone}_{acdc}_{args.ways}w{args.shots}s")
