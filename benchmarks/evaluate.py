@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import DTYPES  # noqa: E402
 
-from fewshot.cli.fewshot import MEMORY_FORMATS, resolved_memory_format  # noqa: E402
+from fewshot.cli.common import MEMORY_FORMATS, resolved_memory_format  # noqa: E402
 from fewshot.config import cli_main  # noqa: E402
 from fewshot.data.episode import Episode  # noqa: E402
 from fewshot.evaluation import EvaluationResult, episode_accuracy, evaluate  # noqa: E402

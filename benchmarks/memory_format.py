@@ -14,12 +14,21 @@ layout costs or saves where MAML spends its time, one interleaved run per config
 - ``chen-resnet10``: Chen et al.'s ResNet10 (width 64, ImageNet stem, three-channel 84×84), ACDC-net m=8,
   inner lr 0.01 and 5 steps in training and test (the main job's otherwise).
 
-Each configuration times a meta-step (``backward_batch`` of a meta-batch of 4 synthetic 5-way 1-shot
+and two supervised ones, ``fit``'s training step (forward, cross-entropy, backward, SGD step with momentum):
+
+- ``pretrain-cifar``: ``run_pretrain.py --config configs/pretrain_cifar10.yaml``'s network and batch
+  (ResNet18-CIFAR, ACDC-net m=8, 128 three-channel 32×32 images, 10 classes);
+- ``baseline-glyphs``: the Baselines' base-class training in ``run_fewshot.py`` on glyphs (the main job's
+  Conv4 with ACDC-net m=16 and a linear head over the 377 base classes, batch 16 one-channel 28×28 images).
+
+Each few-shot configuration times a meta-step (``backward_batch`` of a meta-batch of 4 synthetic 5-way 1-shot
 episodes, 16 queries per class) and the test-time ``predict`` of 4 episodes (15 queries per class), both
 layouts built from the same seed and interleaved round by round.
 
     python benchmarks/memory_format.py                         # everything, 5 rounds
     python benchmarks/memory_format.py --configs main-acdc main-dense --rounds 7
+    python benchmarks/memory_format.py --configs pretrain-cifar baseline-glyphs \\
+        --out benchmarks/results/memory_format_supervised.json
 
 Writes ``benchmarks/results/memory_format.json`` (or ``--out``): per configuration and measurement the
 medians, IQRs and ``ratio`` = median over rounds of (channels_last ms / contiguous ms); < 1: channels_last
@@ -74,12 +83,17 @@ CONFIGS: dict[str, tuple[list[str], int]] = {
         3,
     ),
 }
+# supervised configuration -> (backbone and its options, ACDC scope, atoms, classes, batch, channels, image size)
+SUPERVISED: dict[str, tuple[str, dict[str, Any], str, int, int, int, int, int]] = {
+    "pretrain-cifar": ("resnet18_cifar", {}, "net", 8, 10, 128, 3, 32),
+    "baseline-glyphs": ("conv4", {"width": 32, "image_size": 28, "in_channels": 1}, "net", 16, 377, 16, 1, 28),
+}
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="+", choices=tuple(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=(*CONFIGS, *SUPERVISED), default=[*CONFIGS, *SUPERVISED])
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement")
     p.add_argument("--meta-batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -133,9 +147,35 @@ def contenders(name: str, args: argparse.Namespace) -> dict[str, dict[str, Calla
     return steps
 
 
+def supervised_contenders(name: str) -> dict[str, dict[str, Callable[[], None]]]:
+    """``{"supervised_step": {layout: step}}``: one training step of ``fit`` on a fixed batch, per layout."""
+    from fewshot.training.checkpoint import ModelSpec
+    from fewshot.training.models import build_model
+
+    backbone, kwargs, acdc, atoms, classes, batch, channels, size = SUPERVISED[name]
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(batch, channels, size, size, generator=g), torch.arange(batch) % classes
+    steps: dict[str, Callable[[], None]] = {}
+    for layout, memory_format in LAYOUTS.items():
+        torch.manual_seed(0)
+        model = build_model(ModelSpec(backbone, acdc, atoms, num_classes=classes, kwargs=kwargs))
+        model = model.to(memory_format=memory_format).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = images.to(memory_format=memory_format)
+
+        def step(model=model, optimizer=optimizer, x=x) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), labels).backward()
+            optimizer.step()
+
+        steps[layout] = step
+    return {"supervised_step": steps}
+
+
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for kind, fns in contenders(name, args).items():
+    steps = supervised_contenders(name) if name in SUPERVISED else contenders(name, args)
+    for kind, fns in steps.items():
         for fn in fns.values():  # warm-up
             fn()
         times = common.interleaved_times(fns, args.rounds)
@@ -168,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "configs": {name: measure(name, args) for name in args.configs},
         "notes": "ratio = median over rounds of (channels_last ms / contiguous ms) within the round; < 1: "
         "channels_last is faster. train_step: backward_batch of the meta-batch; predict: predict_batch of "
-        "as many test episodes.",
+        "as many test episodes; supervised_step: one SGD step of fit on a fixed batch.",
     }
     payload["machine"]["load_average_1min_at_end"] = common.load_average()
     payload["seconds"] = round(time.perf_counter() - started, 1)

@@ -181,7 +181,7 @@ def step_costs(settings: Sequence[Mapping[str, Any]], rounds: int) -> list[float
     from common import write_settings
 
     from fewshot.cli import build_learner, build_parser, episode_source, resolve
-    from fewshot.cli.fewshot import MEMORY_FORMATS
+    from fewshot.cli.common import MEMORY_FORMATS
     from fewshot.config import parse_args_with_config
 
     contenders = []

@@ -300,11 +300,13 @@ def test_acdc_overhead_smoke(tmp_path: Path) -> None:
 def test_memory_format_times_both_layouts_of_the_main_job(tmp_path: Path) -> None:
     memory_format = load("memory_format")
     out = tmp_path / "mf.json"
-    argv = ["--configs", "main-acdc", "--rounds", "2", "--meta-batch", "1", "--threads", "1", "--out", str(out)]
+    configs = ["main-acdc", "baseline-glyphs"]
+    argv = ["--configs", *configs, "--rounds", "2", "--meta-batch", "1", "--threads", "1", "--out", str(out)]
     result = memory_format.main(argv)
-    assert list(result["configs"]) == ["main-acdc"]
-    for kind in ("train_step", "predict"):
-        row = result["configs"]["main-acdc"][kind]
+    assert list(result["configs"]) == configs
+    assert list(result["configs"]["baseline-glyphs"]) == ["supervised_step"]
+    for config, kind in (("main-acdc", "train_step"), ("main-acdc", "predict"), ("baseline-glyphs", "supervised_step")):
+        row = result["configs"][config][kind]
         times = {layout: row["contenders"][layout]["times_ms"] for layout in ("contiguous", "channels_last")}
         assert all(len(t) == 2 for t in times.values())
         ratios = [c / p for c, p in zip(times["channels_last"], times["contiguous"])]

@@ -140,3 +140,57 @@ def test_the_command_line_trains_and_evaluates_in_the_chosen_layout(monkeypatch,
     assert seen == {"train": {want}, "predict": {want}, "weights": {want}}  # validation and test both predict
     assert record_["memory_format"] == expected
     assert json.loads((tmp_path / "run" / "result.json").read_text())["memory_format"] == expected
+
+
+def test_the_normalizer_lays_out_even_one_channel_batches() -> None:
+    from fewshot.data.classification import Normalizer
+
+    gray = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
+    plain = Normalizer((0.5,), (0.25,), "cpu")(gray)
+    laid_out = Normalizer((0.5,), (0.25,), "cpu", CL)(gray)
+    assert plain.stride() == (16, 16, 4, 1) and laid_out.stride() == (16, 1, 4, 1)
+    assert torch.equal(plain, laid_out)
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_supervised_training_gives_the_same_model_in_either_layout(tmp_path) -> None:
+    """fit with LoopConfig.memory_format: weights and batches channels-last, the same training to float32
+    rounding (two epochs of a conv + BatchNorm + dropout classifier)."""
+    from fewshot.training.optim import OptimConfig
+    from fewshot.training.supervised import LoopConfig, fit
+    from tests.test_pretrain import TinyClassifier, tiny_data
+
+    models, results = {}, {}
+    for layout in (torch.contiguous_format, CL):
+        torch.manual_seed(0)
+        model = TinyClassifier()
+        loop = LoopConfig(epochs=2, batch_size=4, seed=7, progress=False, memory_format=layout)
+        results[layout] = fit(model, tiny_data(), OptimConfig(lr=0.05), loop, run_dir=tmp_path / str(layout))
+        models[layout] = model
+    conv = models[CL].body[0].weight
+    assert stored_channels_last(conv) and models[torch.contiguous_format].body[0].weight.is_contiguous()
+    for (name, a), b in zip(models[torch.contiguous_format].state_dict().items(), models[CL].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert results[CL]["step"] == results[torch.contiguous_format]["step"] == 12
+    assert results[CL]["val_loss"] == pytest.approx(results[torch.contiguous_format]["val_loss"], rel=1e-4)
+
+
+@pytest.mark.usefixtures("torch_one_thread", "glyphs_cache")
+def test_baseline_trains_on_the_base_classes_in_the_chosen_layout(monkeypatch, tmp_path) -> None:
+    """run_fewshot's --memory-format reaches the Baselines' supervised stage too (not only the episodes)."""
+    import fewshot.training.supervised as supervised
+
+    layouts = []
+    fit = supervised.fit
+
+    def spy_fit(model, data, optim, loop, **kw):
+        layouts.append(loop.memory_format)
+        return fit(model, data, optim, loop, **kw)
+
+    monkeypatch.setattr(supervised, "fit", spy_fit)
+    flags = ["--dataset", "glyphs", "--no-progress", "--backbone", "conv4", "--width", "8", "--device", "cpu"]
+    flags += ["--pretrain-epochs", "1", "--pretrain-batch", "64", "--head-epochs", "2", "--test-episodes", "2"]
+    for i, (flag, layout) in enumerate((("channels_last", CL), ("contiguous", torch.contiguous_format))):
+        main([*flags, "--memory-format", flag, "--out", str(tmp_path / f"run{i}")], method="baseline")
+        assert layouts[-1] == layout
+    assert len(layouts) == 2

@@ -313,7 +313,7 @@ def test_one_normalization_per_batch_and_per_image_gives_the_same_floats(mean, s
 def test_normalizer_and_topk():
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    out = Normalizer(mean, std, "cpu", channels_last=True)(x)
+    out = Normalizer(mean, std, "cpu", torch.channels_last)(x)
     ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -536,6 +536,17 @@ def test_cli_writes_results_config_log_and_a_loadable_checkpoint(cifar_root, tmp
     # The saved config reproduces the run.
     rerun = cli(["--config", tmp_path / "run" / "config.yaml", "--out", tmp_path / "rerun"])
     assert rerun["val_loss"] == saved["val_loss"] and rerun["train_loss"] == saved["train_loss"]
+
+
+@pytest.mark.parametrize("flag,expected", [(None, "channels_last"), ("contiguous", "contiguous")])
+def test_run_pretrain_trains_in_the_chosen_layout(cifar_root, tmp_path, flag, expected) -> None:
+    flags = ["--acdc", "none", "--epochs", "1", *([] if flag is None else ["--memory-format", flag])]
+    cli(base_args(cifar_root, tmp_path / "run", *flags))
+    assert (
+        yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["memory_format"] == expected
+    )  # auto, resolved on the CPU
+    weights = [t for t in load_checkpoint(tmp_path / "run" / "last.pt")["model"].values() if t.dim() == 4]
+    assert len(weights) == 4 and {t.stride(1) == 1 for t in weights} == {expected == "channels_last"}
 
 
 def test_cli_resume_is_exact(cifar_root, tmp_path):

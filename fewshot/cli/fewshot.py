@@ -18,14 +18,17 @@ import torch
 from fewshot.acdc.rules import check_acdc_options
 from fewshot.backbones import list_backbones
 from fewshot.cli.common import (
+    MEMORY_FORMATS,
     OneLineParser,
     add_backbone_options,
+    add_memory_format_option,
     add_run_options,
     check_at_least,
     check_number,
     check_out_folder,
     check_out_is_folder,
     check_seeds,
+    resolved_memory_format,
 )
 from fewshot.config import cli_main, parse_args_with_config, save_config
 from fewshot.data import list_datasets
@@ -69,15 +72,6 @@ FOLLOWS = {"test_inner_steps": "inner_steps", "test_inner_lr": "inner_lr"}
 # Defaults of the Baselines' training on the base classes (Chen et al.: 400 epochs of batch 16), options of the
 # run rather than of the learner. Every other method option defaults to its learner's keyword default.
 BASE_CLASS_TRAINING_DEFAULTS: dict[str, Any] = {"pretrain_epochs": 400, "pretrain_batch": 16}
-# --memory-format: how the learner's 4-D weights and the episodes' images are stored (Module.to, Episode.to).
-MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-
-
-def resolved_memory_format(choice: str, device: torch.device) -> str:
-    """``--memory-format`` with ``auto`` made concrete: channels_last on a CPU, contiguous elsewhere."""
-    if choice != "auto":
-        return choice
-    return "channels_last" if device.type == "cpu" else "contiguous"
 
 
 def method_defaults(method: str) -> dict[str, Any]:
@@ -131,14 +125,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     _add_other_method_options(p)
     _add_evaluation_options(p)
     run = add_run_options(p, default_out="runs/<dataset>_<method>_<backbone>_<acdc>_<ways>w<shots>s")
-    run.add_argument(
-        "--memory-format",
-        choices=("auto", *MEMORY_FORMATS),
-        default="auto",
-        help="how the model's weights and the images are laid out in memory (the same values either way): "
-        "auto is channels_last on a CPU (meta-steps 1.1-1.25x faster there, benchmarks/memory_format.py) "
-        "and contiguous elsewhere (not measured on a GPU)",
-    )
+    add_memory_format_option(run)
     return p
 
 
@@ -486,6 +473,7 @@ def pretrain_on_base_classes(learner, args: argparse.Namespace, spec, out: Path,
         epochs=args.pretrain_epochs,
         batch_size=args.pretrain_batch,
         workers=args.workers,
+        memory_format=MEMORY_FORMATS[args.memory_format],
         seed=args.seed,
         train_seconds=args.train_seconds,
         progress=not args.no_progress,

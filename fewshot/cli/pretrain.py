@@ -28,13 +28,16 @@ import torch
 
 from fewshot.acdc.rules import GROUPED_SCOPES, SCOPES, check_acdc_options
 from fewshot.cli.common import (
+    MEMORY_FORMATS,
     OneLineParser,
     add_backbone_options,
+    add_memory_format_option,
     add_run_options,
     check_at_least,
     check_number,
     check_out_folder,
     check_seeds,
+    resolved_memory_format,
 )
 from fewshot.config import cli_main, parse_args_with_config, save_config, to_yaml_value
 from fewshot.data import list_datasets
@@ -141,7 +144,7 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     """The shared run options, mixed precision, compilation, evaluation and checkpoint cadence."""
     r = add_run_options(p, default_out="runs/pretrain/<dataset>_<backbone>_<acdc>")
     r.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision")
-    r.add_argument("--channels-last", action="store_true")
+    add_memory_format_option(r)
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--sync-batchnorm", action="store_true", help="SyncBatchNorm under torchrun")
     r.add_argument("--eval-every", type=int, default=1, help="epochs between validations (and the last)")
@@ -312,7 +315,7 @@ def loop_config(args: argparse.Namespace):
         eval_batch_size=args.eval_batch_size,
         workers=args.workers,
         amp=args.amp,
-        channels_last=args.channels_last,
+        memory_format=MEMORY_FORMATS[args.memory_format],
         compile=args.compile,
         sync_batchnorm=args.sync_batchnorm,
         seed=args.seed,
@@ -398,6 +401,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     info = setup_distributed(args.device)
     try:
+        args.memory_format = resolved_memory_format(args.memory_format, info.device)
         augment = args.augment == "standard"
         data = load_classification_data(
             args.dataset, args.data_root, image_size=args.image_size, augment=augment, holdout=args.holdout

@@ -206,15 +206,19 @@ class ShardSampler(Sampler[int]):
 
 
 class Normalizer:
-    """uint8 batch on the host -> normalized float batch on ``device`` (optionally channels_last), with the
-    same arithmetic as the episode transforms (``ToNormalizedFloat``)."""
+    """uint8 batch on the host -> normalized float batch on ``device`` in ``memory_format`` (preserve: as
+    computed, NCHW), with the same arithmetic as the episode transforms (``ToNormalizedFloat``)."""
 
     def __init__(
-        self, mean: Sequence[float], std: Sequence[float], device: torch.device | str, channels_last: bool = False
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str,
+        memory_format: torch.memory_format = torch.preserve_format,
     ) -> None:
         self.device = torch.device(device)
         self.to_float = ToNormalizedFloat(tuple(mean), tuple(std), device=self.device)
-        self.channels_last = channels_last
+        self.memory_format = memory_format
 
     def __call__(self, images: Tensor) -> Tensor:
         images = images.to(self.device, non_blocking=True)
@@ -224,10 +228,9 @@ class Normalizer:
                 f"Normalizer: expected a (B, {channels}, H, W) batch for {channels} channel(s), "
                 f"got shape {tuple(images.shape)}"
             )
-        out = self.to_float(images)
-        if self.channels_last:
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+        # .to, not .contiguous: a 1-channel batch counts as channels-last already but keeps NCHW strides,
+        # which convolutions then run as NCHW
+        return self.to_float(images).to(memory_format=self.memory_format)
 
 
 # ------------------------------------------------------------------------------------ readers

@@ -66,7 +66,7 @@ class LoopConfig:
     eval_batch_size: int | None = None
     workers: int = 0
     amp: str = "off"
-    channels_last: bool = False
+    memory_format: torch.memory_format = torch.preserve_format  # of the model and the batches
     compile: bool = False
     sync_batchnorm: bool = False
     seed: int = 0
@@ -203,7 +203,7 @@ class _Run:
             remove_stale_temporaries(self.run_path)
         self.log = JsonlLog(None if self.run_path is None else self.run_path / LOG)
         raw = unwrap_model(model).to(self.device)
-        self.raw = raw.to(memory_format=torch.channels_last) if loop.channels_last else raw
+        self.raw = raw.to(memory_format=loop.memory_format)
         self.optimizer = build_optimizer(self.raw, optim)
         self.scheduler = build_scheduler(self.optimizer, optim, loop.epochs)
         self.precision = Precision(loop.amp, self.device)
@@ -240,7 +240,7 @@ class _Run:
                 f"{len(self.data.train)} training images give no full batch of {self.loop.batch_size} per "
                 f"process on {self.info.world_size} process(es); lower --batch-size"
             )
-        self.normalize = Normalizer(self.data.mean, self.data.std, self.device, self.loop.channels_last)
+        self.normalize = Normalizer(self.data.mean, self.data.std, self.device, self.loop.memory_format)
         self._clock_before, self._clock_started = self.progress.clock, time.perf_counter()
         self.net.train()
 
