@@ -14,6 +14,7 @@ from fewshot.cli import main
 from fewshot.data.episode import Episode
 from fewshot.learners.maml import MAML
 from tests.helpers import make_episode
+from tests.test_maml_tuning import TINY
 
 CL = torch.channels_last
 
@@ -90,28 +91,8 @@ def test_maml_meta_gradients_and_predictions_do_not_depend_on_the_layout(
         assert difference.abs().max().item() <= 1e-10
 
 
-GLYPHS_TINY = [
-    "--dataset",
-    "glyphs",
-    "--no-progress",
-    "--backbone",
-    "conv4",
-    "--width",
-    "8",
-    "--acdc",
-    "none",
-    "--first-order",
-    "--train-episodes",
-    "8",
-    "--val-every",
-    "1",
-    "--val-episodes",
-    "2",
-    "--test-episodes",
-    "3",
-    "--eval-batch",
-    "2",
-]
+# test_maml_tuning's tiny glyphs run, dense (its 3x3 weights show the layout) and validated once
+GLYPHS_TINY = [*TINY, "--acdc", "none", "--train-episodes", "8", "--val-every", "1", "--val-episodes", "2"]
 
 
 @pytest.mark.usefixtures("torch_one_thread", "glyphs_cache")
