@@ -148,6 +148,10 @@ def _convert(value: Any, action: argparse.Action, key: str, where: str) -> Any:
     return items if many else items[0]
 
 
+# Keys of earlier versions' config files -> what replaces them (named in the error; never read silently).
+RENAMED_KEYS = {"channels_last": "memory_format: channels_last (for true) or contiguous (for false)"}
+
+
 def config_defaults(parser: argparse.ArgumentParser, config: dict[str, Any], where: str) -> dict[str, Any]:
     """Map a config dict to ``{dest: converted value}`` for ``parser``; unknown keys raise ConfigError."""
     options = _options_by_dest(parser)
@@ -155,6 +159,9 @@ def config_defaults(parser: argparse.ArgumentParser, config: dict[str, Any], whe
     for raw_key, value in config.items():
         key = str(raw_key).replace("-", "_")
         if key not in options:
+            renamed = RENAMED_KEYS.get(key)
+            if renamed is not None and renamed.split(":")[0] in options:
+                raise ConfigError(f"{where}: key {str(raw_key)!r} is gone; write {renamed}")
             valid = ", ".join(sorted(options))
             raise ConfigError(f"{where}: unknown key {str(raw_key)!r}; valid keys: {valid}")
         if key in defaults:

@@ -591,6 +591,12 @@ def test_cli_unknown_config_key(tmp_path, capsys):
     cfg.write_text("dataset: cifar10\nbackbone: conv4\nlearning_rate: 0.1\n")
     msg = error_of(["--config", cfg], capsys)
     assert msg.startswith(f"error: config file '{cfg}': unknown key 'learning_rate'; valid keys: acdc, amp, atom_drop,")
+    # a run folder of an earlier version: the key that replaced its channels_last is named
+    cfg.write_text("dataset: cifar10\nbackbone: conv4\nchannels_last: true\n")
+    assert error_of(["--config", cfg], capsys) == (
+        f"error: config file '{cfg}': key 'channels_last' is gone; write memory_format: channels_last (for true) "
+        "or contiguous (for false)"
+    )
 
 
 def test_cli_checkpoint_of_another_architecture(cifar_root, tmp_path, capsys):
