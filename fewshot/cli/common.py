@@ -76,7 +76,7 @@ def add_memory_format_option(group: argparse._ArgumentGroup) -> None:
         choices=("auto", *MEMORY_FORMATS),
         default="auto",
         help="how the model's weights and the images are laid out in memory (the same values either way): "
-        "auto is channels_last on a CPU (1.1-1.25x faster there, benchmarks/memory_format.py) "
+        "auto is channels_last on a CPU (training steps 1.1-1.3x faster there, benchmarks/memory_format.py) "
         "and contiguous elsewhere (not measured on a GPU)",
     )
 
