@@ -25,7 +25,7 @@ Each few-shot configuration times a meta-step (``backward_batch`` of a meta-batc
 episodes, 16 queries per class) and the test-time ``predict`` of 4 episodes (15 queries per class), both
 layouts built from the same seed and interleaved round by round.
 
-    python benchmarks/memory_format.py                         # everything, 5 rounds
+    python benchmarks/memory_format.py                         # the five few-shot configurations, 5 rounds
     python benchmarks/memory_format.py --configs main-acdc main-dense --rounds 7
     python benchmarks/memory_format.py --configs pretrain-cifar baseline-glyphs \\
         --out benchmarks/results/memory_format_supervised.json
@@ -93,7 +93,13 @@ LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="+", choices=(*CONFIGS, *SUPERVISED), default=[*CONFIGS, *SUPERVISED])
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        choices=(*CONFIGS, *SUPERVISED),
+        default=list(CONFIGS),
+        help="default: the few-shot ones (the supervised ones by name)",
+    )
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement")
     p.add_argument("--meta-batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
