@@ -148,8 +148,9 @@ def _convert(value: Any, action: argparse.Action, key: str, where: str) -> Any:
     return items if many else items[0]
 
 
-# Keys of earlier versions' config files -> what replaces them (named in the error; never read silently).
-RENAMED_KEYS = {"channels_last": "memory_format: channels_last (for true) or contiguous (for false)"}
+# Keys of earlier versions' config files -> (the key that replaces them, what to write there); named in the
+# error, never read silently.
+RENAMED_KEYS = {"channels_last": ("memory_format", "channels_last (for true) or contiguous (for false)")}
 
 
 def config_defaults(parser: argparse.ArgumentParser, config: dict[str, Any], where: str) -> dict[str, Any]:
@@ -159,9 +160,9 @@ def config_defaults(parser: argparse.ArgumentParser, config: dict[str, Any], whe
     for raw_key, value in config.items():
         key = str(raw_key).replace("-", "_")
         if key not in options:
-            renamed = RENAMED_KEYS.get(key)
-            if renamed is not None and renamed.split(":")[0] in options:
-                raise ConfigError(f"{where}: key {str(raw_key)!r} is gone; write {renamed}")
+            new_key, values = RENAMED_KEYS.get(key, (None, ""))
+            if new_key in options:
+                raise ConfigError(f"{where}: key {str(raw_key)!r} is gone; write {new_key}: {values}")
             valid = ", ".join(sorted(options))
             raise ConfigError(f"{where}: unknown key {str(raw_key)!r}; valid keys: {valid}")
         if key in defaults:

@@ -542,9 +542,8 @@ def test_cli_writes_results_config_log_and_a_loadable_checkpoint(cifar_root, tmp
 def test_run_pretrain_trains_in_the_chosen_layout(cifar_root, tmp_path, flag, expected) -> None:
     flags = ["--acdc", "none", "--epochs", "1", *([] if flag is None else ["--memory-format", flag])]
     cli(base_args(cifar_root, tmp_path / "run", *flags))
-    assert (
-        yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["memory_format"] == expected
-    )  # auto, resolved on the CPU
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["memory_format"] == expected  # auto is resolved on the CPU
     weights = [t for t in load_checkpoint(tmp_path / "run" / "last.pt")["model"].values() if t.dim() == 4]
     assert len(weights) == 4 and {t.stride(1) == 1 for t in weights} == {expected == "channels_last"}
 
