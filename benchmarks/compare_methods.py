@@ -90,6 +90,7 @@ MAML_CONFIG = ROOT / "configs/maml_glyphs_demo.yaml"
 MAML_DROPPED = (
     "out",
     "train_seconds",
+    "job_seconds",
     "train_episodes",
     "test_episodes",
     "backbone",

@@ -53,6 +53,7 @@ GLYPHS_CONFIG = ROOT / "configs/maml_glyphs_demo.yaml"
 # Settings of the main job that a sweep cell replaces or drops (the cell sets its own budget and output).
 DROPPED = (
     "train_seconds",
+    "job_seconds",
     "out",
     "test_episodes",
     "seed",

@@ -36,7 +36,7 @@ from fewshot.data.factory import dataset_entry
 from fewshot.evaluation import evaluate, result_record
 from fewshot.io import write_json
 from fewshot.learners.maml import ATOM_DROP_MODES
-from fewshot.training.budget import check_train_seconds
+from fewshot.training.budget import check_seconds, check_train_seconds
 from fewshot.training.distributed import resolve_device
 from fewshot.training.episodic import LR_SCHEDULES
 from fewshot.training.run_folder import BEST, CONFIG, EVAL_CONFIG, EVAL_RESULT, LAST, RESULT
@@ -104,6 +104,7 @@ EPISODIC_TRAINING_DEFAULTS: dict[str, Any] = {
     "val_episodes": 100,
     "lr_schedule": "constant",
     "train_ways": None,
+    "job_seconds": None,
 }
 
 
@@ -183,6 +184,14 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="also stop training after the meta-step (episodic) or batch (baseline, "
         "baseline_pp: --pretrain-epochs is then the upper bound) that passes this many "
         "seconds of training, validation included; then test as usual",
+    )
+    train.add_argument(
+        "--job-seconds",
+        type=float,
+        default=None,
+        help="episodic training: a budget for the whole command (data, training, validation, test); "
+        "after every meta-step training goes on only while another step, its validation and the test "
+        "still fit, the evaluation priced per episode from the latest validation (needs --val-every > 0)",
     )
     train.add_argument(
         "--lr-schedule",
@@ -312,6 +321,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         check_number(args, name)
     _resolve_method_options(args)
     _resolve_training_options(args)
+    _check_job_seconds(args)
     if args.eval_only and args.checkpoint is None:
         raise ValueError("--eval-only needs --checkpoint PATH (a best.pt or last.pt of an earlier run)")
     if args.checkpoint is not None and not args.eval_only:
@@ -333,6 +343,26 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         acdc = args.acdc if args.acdc == "none" else f"acdc-{args.acdc}-m{args.atoms}"
         args.out = str(Path("runs") / f"{args.dataset}_{args.method}_{args.backbone}_{acdc}_{args.ways}w{args.shots}s")
     return args
+
+
+def _check_job_seconds(args: argparse.Namespace) -> None:
+    """--job-seconds: a positive number, for a run that trains on episodes, validates while it trains and
+    knows its training's length in meta-steps (the budget ends it at a step not known in advance)."""
+    if args.job_seconds is None:
+        return
+    check_seconds(args.job_seconds, "--job-seconds")
+    if args.eval_only:
+        raise ValueError("--job-seconds does not apply to --eval-only: it stops training, and there is none")
+    if args.val_every == 0:
+        raise ValueError(
+            "--job-seconds needs --val-every > 0: the validation passes during training time the evaluation "
+            "that the test will take"
+        )
+    if args.lr_schedule == "cosine":
+        raise ValueError(
+            "--job-seconds does not go with --lr-schedule cosine: where the job budget ends training is known "
+            "only as it runs; use --train-seconds to anneal over a wall-clock budget"
+        )
 
 
 def _resolve_method_options(args: argparse.Namespace) -> None:
@@ -547,11 +577,13 @@ def episodic_training(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def train(
-    args: argparse.Namespace, learner, spec, out: Path, episodic: tuple[Any, Any, Any] | None, info
+    args: argparse.Namespace, learner, spec, out: Path, episodic: tuple[Any, Any, Any] | None, info, started: float
 ) -> dict[str, Any]:
     """Meta-train (``episodic``: episodes and schedule; ``best.pt`` is loaded back) or, for the Baselines,
     train on the base classes; returns the training summary that goes into ``result.json``. Under
-    torchrun (``info``) every rank trains, rank 0 writes."""
+    torchrun (``info``) every rank trains, rank 0 writes. ``started``: when the job began (the clock of
+    --job-seconds)."""
+    from fewshot.training.budget import JobBudget
     from fewshot.training.checkpoint import load_checkpoint, load_model_state, save_checkpoint
     from fewshot.training.episodic import train_episodic
 
@@ -571,6 +603,7 @@ def train(
         progress=not args.no_progress,
         info=info,
         memory_format=MEMORY_FORMATS[args.memory_format],
+        job=None if args.job_seconds is None else JobBudget(args.job_seconds, args.test_episodes, started),
     )
     load_model_state(learner, load_checkpoint(out / BEST, map_location=args.device)["model"])
     return summary
@@ -634,7 +667,7 @@ def _run(args: argparse.Namespace, info, started: float) -> dict[str, Any]:
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(args, out / (EVAL_CONFIG if args.eval_only else CONFIG))
-    summary = {} if args.eval_only else train(args, learner, spec, out, episodes, info)
+    summary = {} if args.eval_only else train(args, learner, spec, out, episodes, info, started)
     learner.eval()
     test_started = time.perf_counter()
     result = evaluate(

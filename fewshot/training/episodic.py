@@ -19,7 +19,7 @@ from tqdm import tqdm
 from fewshot.data.episode import Episode
 from fewshot.evaluation import EvaluationResult, episode_accuracy, evaluate
 from fewshot.learners.base import Learner
-from fewshot.training.budget import check_train_seconds
+from fewshot.training.budget import JobBudget, check_train_seconds
 from fewshot.training.checkpoint import (
     ModelSpec,
     capture_rng_state,
@@ -209,10 +209,14 @@ class _Run:
         average_buffers(self.learner, self.info)  # BatchNorm running statistics: one model on every rank
         return loss, accuracy
 
-    def validate(self, episodes: Sequence[Episode], step: int, seconds: float, device) -> EvaluationResult:
-        """Accuracy on the validation episodes; saves ``best.pt`` when it is the best so far, and ``last.pt``."""
+    def validate(
+        self, episodes: Sequence[Episode], step: int, seconds: float, device
+    ) -> tuple[EvaluationResult, float]:
+        """Accuracy on the validation episodes and the seconds their evaluation took (checkpoints not
+        counted); saves ``best.pt`` when it is the best so far, and ``last.pt``."""
         self.learner.eval()
         batch = self.schedule.eval_batch
+        started = time.perf_counter()
         val = evaluate(
             self.learner,
             episodes,
@@ -222,11 +226,12 @@ class _Run:
             info=self.info,
             memory_format=self.memory_format,
         )
+        evaluation_seconds = all_reduce_max(time.perf_counter() - started, self.info)
         if val.mean > self.state.best_acc:
             self.state.best_acc, self.state.best_step = val.mean, step
             self.save(BEST, step, seconds)
         self.save(LAST, step, seconds)
-        return val
+        return val, evaluation_seconds
 
 
 def backward_meta_batch(learner: Learner, batch: list[Episode], info: DistInfo) -> tuple[torch.Tensor, float]:
@@ -260,8 +265,13 @@ def train_episodic(
     progress: bool = True,
     info: DistInfo | None = None,
     memory_format: torch.memory_format = torch.preserve_format,
+    job: JobBudget | None = None,
 ) -> dict[str, Any]:
     """Meta-train ``learner`` (already on ``device``); returns a summary with the best validation accuracy.
+
+    With ``job`` (a budget for the whole job, ``--job-seconds``) training also stops after the meta-step
+    past which another step, its validation and the job's test would no longer fit (``JobBudget``); the
+    summary then says ``stopped_by: job_seconds`` and gives the predicted test seconds.
 
     Every training and validation episode is moved to ``device`` with its images in ``memory_format``
     (``Episode.to``; ``torch.channels_last`` runs faster on CPU, where the learner should be converted too).
@@ -282,6 +292,8 @@ def train_episodic(
             f"meta_batch {schedule.meta_batch} is smaller than the {info.world_size} processes: each process "
             "needs at least one task per meta-step"
         )
+    if job is not None and not schedule.val_every:
+        raise ValueError("a job budget needs validation during training (val_every > 0): it times the evaluation")
     out = Path(out_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -295,13 +307,19 @@ def train_episodic(
         if info.rank:
             torch.manual_seed(torch.initial_seed() + info.rank)
     run = _Run(out, learner, optimizer, state, spec, schedule, config or {}, info, memory_format)
-    summary = _meta_train(run, train_episodes, val_episodes, device, resume, progress)
+    summary = _meta_train(run, train_episodes, val_episodes, device, resume, progress, job)
     barrier(info)  # best.pt and last.pt are written before any rank reads them
     return summary
 
 
 def _meta_train(
-    run: _Run, train_episodes: Sequence[Episode], val_episodes: Sequence[Episode], device, resume: bool, progress: bool
+    run: _Run,
+    train_episodes: Sequence[Episode],
+    val_episodes: Sequence[Episode],
+    device,
+    resume: bool,
+    progress: bool,
+    job: JobBudget | None,
 ) -> dict[str, Any]:
     """The loop of ``train_episodic``: meta-steps, validation and checkpoints, the log on rank 0."""
     schedule, state, info = run.schedule, run.state, run.info
@@ -315,28 +333,36 @@ def _meta_train(
         batches, initial=start, total=schedule.meta_steps, desc="meta-train", disable=not (progress and info.is_main)
     )
     step, stopped_by, seconds = start, "meta_steps", seconds_before
+    step_began = time.perf_counter()
     for step, batch in enumerate(bar, start=start + 1):
         run.learner.train()
         batch = [e.to(device, memory_format=run.memory_format) for e in batch]
         lr = schedule.learning_rate(step - 1, seconds)
         loss, accuracy = run.meta_step(batch, lr, step)
+        step_seconds = time.perf_counter() - step_began  # its episodes' loading included, validation not
         seconds = all_reduce_max(seconds_before + time.perf_counter() - started, info)  # one clock for all ranks
         out_of_time = schedule.train_seconds is not None and seconds >= schedule.train_seconds
         record = _step_record(step, loss, accuracy, seconds)
         if schedule.lr_schedule != "constant":
             record["lr"] = lr
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.1f}")
-        if out_of_time or step == schedule.meta_steps or (schedule.val_every and step % schedule.val_every == 0):
-            val = run.validate(val_episodes, step, seconds, device)
-            record.update(val_acc=round(val.mean, 4), val_ci95=round(val.ci95, 4))
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.1f}", val=f"{val.mean:.1f}")
+        validated = (
+            out_of_time or step == schedule.meta_steps or bool(schedule.val_every and step % schedule.val_every == 0)
+        )
+        if validated:
+            _validate(run, val_episodes, step, seconds, device, record, bar, job)
+        out_of_job = job is not None and step < schedule.meta_steps and not out_of_time
+        out_of_job = out_of_job and _no_room_for_another_step(job, step_seconds, len(val_episodes), info)
+        if out_of_job and not validated:
+            _validate(run, val_episodes, step, seconds, device, record, bar, job)
         if log:
             log.write(record)
-        if out_of_time and step < schedule.meta_steps:
-            stopped_by = "train_seconds"
+        if (out_of_time or out_of_job) and step < schedule.meta_steps:
+            stopped_by = "train_seconds" if out_of_time else "job_seconds"
             break
+        step_began = time.perf_counter()
     bar.close()
-    return {
+    summary = {
         "meta_steps": step,
         "meta_steps_planned": schedule.meta_steps,
         "stopped_by": stopped_by,
@@ -344,3 +370,25 @@ def _meta_train(
         "best_step": state.best_step,
         "train_seconds": round(seconds, 2),
     }
+    if job is not None:
+        summary.update(
+            job_seconds=job.seconds, predicted_test_seconds=round(job.predicted_evaluation(job.test_episodes), 2)
+        )
+    return summary
+
+
+def _no_room_for_another_step(job: JobBudget, step_seconds: float, val_episodes: int, info: DistInfo) -> bool:
+    """Whether the job budget has no room for another meta-step (one decision: any rank's no is a no)."""
+    return all_reduce_max(float(not job.room_for_another_step(step_seconds, val_episodes)), info) > 0
+
+
+def _validate(
+    run: _Run, val_episodes: Sequence[Episode], step: int, seconds: float, device, record: dict[str, Any], bar, job
+) -> None:
+    """Validate at ``step``: the accuracy into the step's log ``record`` and the progress bar, the
+    evaluation's seconds into the job budget."""
+    val, evaluation_seconds = run.validate(val_episodes, step, seconds, device)
+    if job is not None:
+        job.note_evaluation(evaluation_seconds, len(val_episodes))
+    record.update(val_acc=round(val.mean, 4), val_ci95=round(val.ci95, 4))
+    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.1f}", val=f"{val.mean:.1f}")
