@@ -91,6 +91,7 @@ MAML_DROPPED = (
     "out",
     "train_seconds",
     "job_seconds",
+    "vectorize",
     "train_episodes",
     "test_episodes",
     "backbone",
@@ -133,7 +134,9 @@ SEARCH_START: dict[str, dict[str, Any]] = {
 # under "chosen"; validation accuracy, ACDC-net 1-shot, 600 episodes, in the comments). MAML's come from
 # configs/maml_glyphs_demo.yaml, the winner of benchmarks/tune_glyphs.py (benchmarks/results/tune_glyphs.json).
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
-    "maml": {},  # + configs/maml_glyphs_demo.yaml
+    # + configs/maml_glyphs_demo.yaml; its runs share the 2 cores one thread each, where task by task is
+    # the faster (benchmarks/results/vectorize_1thread.json)
+    "maml": {"vectorize": "off"},
     # 20-way training episodes, Adam 3e-3: 92.29% (5-way: 91.07% at 3e-3, 90.13% at 1e-3)
     "protonet": {**SEARCH_START["protonet"], "lr": 3e-3, "train_ways": 20},
     # without full-context embeddings, Adam 1e-3: 92.68% (with them: 92.19% at 3e-3, 91.50% at 1e-3)

@@ -116,7 +116,11 @@ def build_learner(args: argparse.Namespace, device: torch.device) -> MAML:
     options = {"image_size": args.image_size} if args.backbone == "conv4" else {"stem": "imagenet"}
     backbone = create_backbone(args.backbone, width=args.width, **options, **acdc)
     learner = MAML(
-        backbone, ways=args.ways, test_inner_steps=args.steps, test_inner_lr=args.lr, vectorize=args.vectorize == "on"
+        backbone,
+        ways=args.ways,
+        test_inner_steps=args.steps,
+        test_inner_lr=args.lr,
+        vectorize="eval" if args.vectorize == "on" else "off",
     )
     return learner.to(device=device, dtype=DTYPES[args.dtype]).eval()
 

@@ -10,7 +10,7 @@ order}, named like ``resnet10-acdc-second``. Contenders, timed interleaved round
 - ``ours``: ``fewshot.learners.MAML(...).backward_batch(episodes)`` (what the training loop calls),
   default options: the tasks one after the other through the functional inner loop, each task's graph
   freed by its own backward;
-- ``ours_vmap``: the same with ``vectorize=True`` (the tasks through one ``torch.func.vmap``; not in the
+- ``ours_vmap``: the same with ``vectorize="all"`` (the tasks through one ``torch.func.vmap``; not in the
   default set: on a CPU it is slower at these widths, see benchmarks/README.md);
 - ``higher``: the same step with ``higher.innerloop_ctx(copy_initial_weights=False)``, one task after the
   other (first order: ``track_higher_grads=False`` and the explicit d(query loss)/d(fast weights));
@@ -171,7 +171,7 @@ def make_episodes(args: argparse.Namespace, device: torch.device) -> list[Episod
     return [common.synthetic_episode(g, args, DTYPES[args.dtype]).to(device) for _ in range(args.meta_batch)]
 
 
-def build_learner(config: Config, args: argparse.Namespace, device: torch.device, vectorize: bool = False) -> MAML:
+def build_learner(config: Config, args: argparse.Namespace, device: torch.device, vectorize: str = "off") -> MAML:
     """The MAML learner of a configuration; the same seed, hence the same weights, every time."""
     from fewshot import create_backbone
 
@@ -283,7 +283,7 @@ def build_contender(
     name: str, config: Config, args: argparse.Namespace, device: torch.device, episodes: list[Episode]
 ) -> tuple[MAML, Callable[[], None]]:
     """The model a contender updates and its step function (each contender gets its own model)."""
-    learner = build_learner(config, args, device, vectorize=name == "ours_vmap")
+    learner = build_learner(config, args, device, vectorize="all" if name == "ours_vmap" else "off")
     if name in ("ours", "ours_vmap"):
         return learner, ours_step(learner, episodes)
     if name == "higher":

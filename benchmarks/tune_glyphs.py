@@ -71,7 +71,7 @@ BASE: dict[str, Any] = {
     "val_every": 250,
     "val_episodes": 100,
     "eval_batch": 32,
-    "vectorize": False,
+    "vectorize": "off",
 }
 
 

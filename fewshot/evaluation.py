@@ -60,12 +60,12 @@ def evaluate(
 
     Each episode is moved to ``device`` with its images in ``memory_format`` (``Episode.to``).
 
-    ``batch`` episodes at a time go to ``learner.predict_batch`` (MAML with ``vectorize`` runs them through
-    one ``vmap``); it computes the same logits at every ``batch``. Only floating-point rounding can differ:
-    under ``vmap`` the convs of the batch run as one grouped conv, whose float32 sums round differently
-    from one episode's, and a near-tie query can then flip (float64: equal to 1e-10, tested). The
-    learner's train/eval mode is the caller's choice: each
-    learner's ``predict`` decides how BatchNorm behaves (MAML transductively, as Chen et al.).
+    ``batch`` episodes at a time go to ``learner.predict_batch`` (MAML with ``vectorize`` ``eval`` or
+    ``all`` runs them through one ``vmap``); it computes the same logits at every ``batch``. Only
+    floating-point rounding can differ: under ``vmap`` the convs of the batch run as one grouped conv,
+    whose float32 sums round differently from one episode's, and a near-tie query can then flip (float64:
+    equal to 1e-10, tested). The learner's train/eval mode is the caller's choice: each learner's
+    ``predict`` decides how BatchNorm behaves (MAML transductively, as Chen et al.).
 
     Under torchrun (``info.distributed``) rank ``r`` of ``W`` evaluates episodes ``r, r+W, r+2W, ...`` of
     the indexable ``episodes`` and every rank gets all the accuracies, in episode order: the same result

@@ -320,6 +320,38 @@ def test_memory_format_times_both_layouts_of_the_main_job(tmp_path: Path) -> Non
     assert not (tmp_path / "x.json").exists()
 
 
+def test_vectorize_times_task_by_task_against_one_vmap(tmp_path: Path) -> None:
+    vectorize = load("vectorize")
+    out = tmp_path / "vec.json"
+    argv = ["--configs", "main-acdc", "--rounds", "2", "--eval-batch", "2", "--threads", "1", "--out", str(out)]
+    result = vectorize.main(argv)
+    row = result["configs"]["main-acdc"]
+    assert row["sizes"] == {"meta_batch": 4, "eval_batch": 2}  # the main job's meta-batch, the given eval batch
+    for kind in ("train_step", "predict"):
+        times = {v: row[kind]["contenders"][v]["times_ms"] for v in ("task_by_task", "vmap")}
+        assert all(len(t) == 2 for t in times.values())
+        ratios = [v / t for v, t in zip(times["vmap"], times["task_by_task"])]
+        assert row[kind]["ratio"] == pytest.approx(sum(ratios) / 2, rel=1e-3)  # median of two rounds
+    assert json.loads(out.read_text())["configs"] == json.loads(json.dumps(result["configs"]))
+    with pytest.raises(SystemExit):
+        vectorize.main(["--eval-batch", "0", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_vectorize_variants_compute_the_same_predictions() -> None:
+    vectorize = load("vectorize")
+    args = vectorize.parse(["--configs", "main-acdc", "--eval-batch", "3"])
+    steps, _ = vectorize.contenders("main-acdc", args)
+    learners = [fn.__defaults__[0] for fn in steps["predict"].values()]
+    assert [learner.vectorize for learner in learners] == ["off", "all"]
+    episodes = vectorize.memory_format.episodes(*vectorize.memory_format.run_settings("main-acdc"), 3, 15, seed=2)
+    episodes = [e.to("cpu", memory_format=torch.channels_last) for e in episodes]
+    for learner in learners:
+        learner.eval()
+    for a, b in zip(learners[0].predict_batch(episodes), learners[1].predict_batch(episodes)):
+        assert (a - b).abs().max().item() < 1e-4
+
+
 def test_acdc_overhead_per_layer_times_every_resnet_conv_shape(tmp_path: Path) -> None:
     acdc_overhead = load("acdc_overhead")
     argv = ["--backbones", "conv4", "--image-size", "16", "--batch", "1", "2", "--rounds", "1", "--warmup", "0"]

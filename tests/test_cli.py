@@ -41,6 +41,7 @@ MAML_TINY = [
     "net",
     "--first-order",
     "--vectorize",
+    "all",
     "--lr",
     "0.01",
     "--inner-lr",

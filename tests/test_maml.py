@@ -54,9 +54,9 @@ def higher_meta_gradients(learner: MAML, episodes: list[Episode], first_order: b
     return dict(zip(names, total))
 
 
-@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("vectorize", ["off", "all"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_meta_gradient_matches_higher(first_order: bool, vectorize: bool) -> None:
+def test_meta_gradient_matches_higher(first_order: bool, vectorize: str) -> None:
     learner = make_learner(TinyNet(), first_order=first_order, vectorize=vectorize)
     episodes = [make_episode(seed=s) for s in range(2)]
     ours = meta_gradients(learner, episodes)
@@ -205,7 +205,7 @@ def acdc_tiny(scope: str = "net", **kw) -> nn.Module:
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("scope,kw", [("net", {}), ("g-net", {"group_size": 4})])
 def test_acdc_meta_gradient_matches_higher(first_order: bool, scope: str, kw: dict) -> None:
-    learner = make_learner(acdc_tiny(scope, **kw), first_order=first_order, vectorize=True)
+    learner = make_learner(acdc_tiny(scope, **kw), first_order=first_order, vectorize="all")
     names = [n for n, _ in learner.named_parameters()]
     assert sum(n.endswith(".coefficients") for n in names) == 1  # shared across both convs: listed once
     episodes = [make_episode(seed=s) for s in range(2)]
@@ -273,9 +273,9 @@ def test_inner_loop_leaves_the_model_untouched() -> None:
 @pytest.mark.parametrize("acdc", [False, True])
 def test_vectorized_meta_batch_equals_task_loop(options: dict, acdc: bool) -> None:
     backbone = acdc_tiny("g-net", group_size=4) if acdc else TinyNet()
-    batched = make_learner(backbone, vectorize=True, **options)
+    batched = make_learner(backbone, vectorize="all", **options)
     looped = copy.deepcopy(batched)
-    looped.vectorize = False
+    looped.vectorize = "off"
     episodes = [make_episode(seed=s) for s in range(3)]
     grads_batched = meta_gradients(batched, episodes)
     grads_looped = meta_gradients(looped, episodes)
@@ -285,13 +285,38 @@ def test_vectorized_meta_batch_equals_task_loop(options: dict, acdc: bool) -> No
         assert (logits - looped.predict(episode)).abs().max().item() <= 1e-10
 
 
+def test_vectorize_eval_batches_predictions_but_trains_task_by_task() -> None:
+    learner = make_learner(acdc_tiny("net"), vectorize="eval")
+    looped = copy.deepcopy(learner)
+    looped.vectorize = "off"
+    episodes = [make_episode(seed=s) for s in range(3)]
+    vmapped = []
+    real_vmapped_tasks = learner._vmapped_tasks
+    learner._vmapped_tasks = lambda params, group, training: (
+        vmapped.append(training) or real_vmapped_tasks(params, group, training)
+    )
+    grads = meta_gradients(learner, episodes)  # training: task by task
+    assert vmapped == []
+    for name, reference in meta_gradients(looped, episodes).items():
+        assert torch.equal(grads[name], reference), name
+    learner.eval()
+    for logits, episode in zip(learner.predict_batch(episodes), episodes):  # evaluation: one vmap
+        assert (logits - looped.eval().predict(episode)).abs().max().item() <= 1e-10
+    assert vmapped == [False]
+
+
+def test_unknown_vectorize_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown vectorize True; choose one of: off, eval, all"):
+        make_learner(TinyNet(), vectorize=True)
+
+
 @pytest.mark.parametrize("batch", [2, 3, 5])
 def test_evaluation_does_not_depend_on_the_eval_batch(batch: int) -> None:
     """Issue 14, item 7: --eval-batch groups the test episodes of one vmap (a partial last group, a group of
     one that skips vmap); in float64 every episode's accuracy is the one of batch 1."""
     from fewshot.evaluation import evaluate
 
-    learner = make_learner(acdc_tiny("net"), vectorize=True).eval()
+    learner = make_learner(acdc_tiny("net"), vectorize="all").eval()
     episodes = [make_episode(seed=20 + s) for s in range(7)]
     calls = []
     predict_batch = learner.predict_batch
@@ -308,7 +333,7 @@ def test_atom_drop_under_vmap_draws_a_mask_per_task() -> None:
     from fewshot.acdc import convert
 
     torch.manual_seed(0)
-    learner = make_learner(convert(TinyNet(channels=8), "net", atoms=4, atom_drop=0.5), vectorize=True)
+    learner = make_learner(convert(TinyNet(channels=8), "net", atoms=4, atom_drop=0.5), vectorize="all")
     episode = make_episode(seed=11)
     torch.manual_seed(1)
     _, logits = learner.batch_loss([episode, episode])  # the same task twice in one vmap
@@ -318,9 +343,9 @@ def test_atom_drop_under_vmap_draws_a_mask_per_task() -> None:
     assert torch.allclose(logits[0], logits[1], atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("vectorize", ["off", "all"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_backward_batch_equals_backward_of_batch_loss(first_order: bool, vectorize: bool) -> None:
+def test_backward_batch_equals_backward_of_batch_loss(first_order: bool, vectorize: str) -> None:
     learner = make_learner(TinyNet(), first_order=first_order, vectorize=vectorize)
     episodes = [make_episode(seed=s) for s in range(3)]
     reference = meta_gradients(learner, episodes)

@@ -35,7 +35,7 @@ from fewshot.data import list_datasets
 from fewshot.data.factory import dataset_entry
 from fewshot.evaluation import evaluate, result_record
 from fewshot.io import write_json
-from fewshot.learners.maml import ATOM_DROP_MODES
+from fewshot.learners.maml import ATOM_DROP_MODES, VECTORIZE_MODES
 from fewshot.training.budget import check_seconds, check_train_seconds
 from fewshot.training.distributed import resolve_device
 from fewshot.training.episodic import LR_SCHEDULES
@@ -234,10 +234,11 @@ def _add_maml_options(p: argparse.ArgumentParser) -> None:
     )
     maml.add_argument(
         "--vectorize",
-        action="store_true",
+        choices=VECTORIZE_MODES,
         default=None,
-        help="run the tasks of a meta-batch and the test episodes of an --eval-batch "
-        "through one torch.func.vmap (faster for narrow networks)",
+        help="episodes through one torch.func.vmap: off (default: one after the other), eval (the "
+        "--eval-batch episodes of validation and test; faster on a CPU for the main job's narrow ACDC "
+        "network), all (also the tasks of a meta-batch)",
     )
 
 
@@ -280,10 +281,10 @@ def _add_evaluation_options(p: argparse.ArgumentParser) -> None:
         "--eval-batch",
         type=int,
         default=8,
-        help="test episodes predicted together (MAML with --vectorize: one vmap). The same computation at "
-        "every value; only float32 rounding differs with --vectorize (the episodes' convs run as one grouped "
-        "conv), which can flip a near-tie query (benchmarks/evaluate.py: 99 of 3,000 episodes differ from "
-        "one at a time; the mean by < 0.01 points); float64 agrees to 1e-10",
+        help="test episodes predicted together (MAML with --vectorize eval or all: one vmap). The same "
+        "computation at every value; only float32 rounding differs when vectorized (the episodes' convs "
+        "run as one grouped conv), which can flip a near-tie query (benchmarks/evaluate.py: 99 of 3,000 "
+        "episodes differ from one at a time; the mean by < 0.01 points); float64 agrees to 1e-10",
     )
     ev.add_argument("--eval-only", action="store_true")
     ev.add_argument("--checkpoint", default=None, help="with --eval-only: the checkpoint to evaluate")

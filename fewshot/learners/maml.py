@@ -26,6 +26,7 @@ from fewshot.modes import eval_mode
 ADAPT_CHOICES = ("all", "atoms", "coefficients", "head")
 BN_MODES = ("transductive", "support")
 ATOM_DROP_MODES = ("step", "task", "query")
+VECTORIZE_MODES = ("off", "eval", "all")
 
 
 def select_adapted(names: Sequence[str], adapt: str) -> list[str]:
@@ -121,10 +122,13 @@ class MAML(Learner):
             forward: each inner step and the query pass), ``task`` (one mask per layer and task, used
             by all of them) or ``query`` (no atom-drop on the support steps, a new mask at the query
             pass). Evaluation never drops atoms (layers in eval mode).
-        vectorize: run the tasks of a meta-batch (and episodes predicted together) as one batch
-            through ``torch.func.vmap`` instead of one after the other; same results. On a 2-core CPU
-            this pays for narrow networks (per-op overhead dominates) and costs for Chen et al.'s
-            full-width ResNets (vmapped convs become grouped convs): see benchmarks/README.md.
+        vectorize: which episodes run as one batch through ``torch.func.vmap`` instead of one after
+            the other (the same results up to float rounding): ``off`` (none), ``eval`` (the episodes
+            predicted together, ``predict_batch``: validation and test) or ``all`` (also the tasks of
+            a meta-batch in training). On a 2-core CPU ``eval`` pays for the narrow ACDC Conv4 of the
+            main job (per-op overhead dominates; its training steps run faster task by task) and both
+            cost for Chen et al.'s full-width ResNets (vmapped convs become grouped convs): see
+            benchmarks/README.md.
     """
 
     def __init__(
@@ -140,7 +144,7 @@ class MAML(Learner):
         adapt: str = "all",
         learn_inner_lr: bool = False,
         bn_mode: str = "transductive",
-        vectorize: bool = False,
+        vectorize: str = "off",
         inner_atom_drop: str = "step",
     ) -> None:
         super().__init__(backbone, ways)
@@ -153,6 +157,8 @@ class MAML(Learner):
             )
         if learn_inner_lr and inner_steps < 1:
             raise ValueError("learn_inner_lr needs inner_steps >= 1 (the step sizes are learned in training)")
+        if vectorize not in VECTORIZE_MODES:
+            raise ValueError(f"unknown vectorize {vectorize!r}; choose one of: {', '.join(VECTORIZE_MODES)}")
         if bn_mode not in BN_MODES:
             raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of: {', '.join(BN_MODES)}")
         features = getattr(backbone, "out_features", None)
@@ -331,7 +337,7 @@ class MAML(Learner):
 
     def batch_loss(self, episodes: Sequence[Episode]) -> tuple[Tensor, list[Tensor]]:
         """Summed query loss of a meta-batch; its tasks run through one ``vmap`` when they can."""
-        if not self._can_vectorize(episodes):
+        if not self._can_vectorize(episodes, training=True):
             return super().batch_loss(episodes)
         params = self.model_parameters()
         logits = self._vmapped_tasks(params, episodes, training=True)
@@ -342,7 +348,7 @@ class MAML(Learner):
     def backward_batch(self, episodes: Sequence[Episode]) -> tuple[Tensor, list[Tensor]]:
         """Meta-gradient of a meta-batch into ``.grad``: one ``vmap`` and one backward when the tasks are
         vectorized, else task by task (one task's graph alive at a time)."""
-        if not self._can_vectorize(episodes):
+        if not self._can_vectorize(episodes, training=True):
             return super().backward_batch(episodes)
         loss, logits = self.batch_loss(episodes)
         loss.backward()
@@ -350,14 +356,17 @@ class MAML(Learner):
 
     def predict_batch(self, episodes: Sequence[Episode]) -> list[Tensor]:
         """``predict`` of several episodes at once (one ``vmap`` when they have the same shapes)."""
-        if not self._can_vectorize(episodes):
+        if not self._can_vectorize(episodes, training=False):
             return super().predict_batch(episodes)
         params = {n: p.detach() for n, p in self.model_parameters().items()}
         with torch.no_grad():
             return list(self._vmapped_tasks(params, episodes, training=False).unbind(0))
 
-    def _can_vectorize(self, episodes: Sequence[Episode]) -> bool:
-        if not self.vectorize or len(episodes) < 2:
+    def _can_vectorize(self, episodes: Sequence[Episode], training: bool) -> bool:
+        """Whether ``episodes`` go through one ``vmap``: the mode says so (``all``; ``eval`` when not
+        ``training``), there are two or more, and their shapes agree."""
+        wanted = self.vectorize == "all" or (self.vectorize == "eval" and not training)
+        if not wanted or len(episodes) < 2:
             return False
         first = episodes[0]
         return all(
