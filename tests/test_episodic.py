@@ -48,6 +48,7 @@ def test_checkpoints_and_log(tmp_path) -> None:
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     val = [r for r in records if "val_acc" in r]
     assert [r["step"] for r in val] == [2, 4]
+    assert all(r["val_seconds"] > 0 for r in val) and not any("val_seconds" in r for r in records if r not in val)
     best = load_checkpoint(tmp_path / "best.pt")
     last = load_checkpoint(tmp_path / "last.pt")
     assert last["progress"]["step"] == 4

@@ -385,10 +385,10 @@ def _no_room_for_another_step(job: JobBudget, step_seconds: float, val_episodes:
 def _validate(
     run: _Run, val_episodes: Sequence[Episode], step: int, seconds: float, device, record: dict[str, Any], bar, job
 ) -> None:
-    """Validate at ``step``: the accuracy into the step's log ``record`` and the progress bar, the
-    evaluation's seconds into the job budget."""
+    """Validate at ``step``: the accuracy and the evaluation's seconds into the step's log ``record``, the
+    accuracy into the progress bar, the seconds into the job budget."""
     val, evaluation_seconds = run.validate(val_episodes, step, seconds, device)
     if job is not None:
         job.note_evaluation(evaluation_seconds, len(val_episodes))
-    record.update(val_acc=round(val.mean, 4), val_ci95=round(val.ci95, 4))
+    record.update(val_acc=round(val.mean, 4), val_ci95=round(val.ci95, 4), val_seconds=round(evaluation_seconds, 2))
     bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.1f}", val=f"{val.mean:.1f}")
