@@ -72,6 +72,34 @@ def coefficients(model: nn.Module) -> torch.Tensor:
 
 
 X = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+DEFAULT_MIN_ELEMENTS = CoefficientCorners.min_elements
+
+
+@pytest.fixture(autouse=True)
+def cut_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' tensors are tiny: cut them as if they were large enough to gain from it."""
+    monkeypatch.setattr(CoefficientCorners, "min_elements", 0)
+
+
+@pytest.mark.parametrize(("rows", "cut"), [(128, False), (256, True)])
+def test_only_a_coefficient_tensor_of_min_elements_or_more_is_cut(
+    monkeypatch: pytest.MonkeyPatch, rows: int, cut: bool
+) -> None:
+    monkeypatch.setattr(CoefficientCorners, "min_elements", DEFAULT_MIN_ELEMENTS)
+    assert DEFAULT_MIN_ELEMENTS == 1 << 20 == 256 * 256 * 16  # 128 x 128 x 16 is a quarter of it
+    torch.manual_seed(0)
+    shared = SharedCoefficients(rows, rows, 16)
+    half = ACDCConv2d(rows // 2, rows, 1, shared=shared, atom_drop=0.0)
+    whole = ACDCConv2d(rows, rows, 1, shared=shared, atom_drop=0.0)
+    x = torch.randn(1, rows // 2, 2, 2)
+    out = whole(torch.relu(half(x))).square().sum()
+    assert cut_nodes(out) == int(cut)
+    out.backward()
+    grad = shared.coefficients.grad.clone()
+    shared.corners = PlainSlices()
+    shared.coefficients.grad = None
+    whole(torch.relu(half(x))).square().sum().backward()
+    assert torch.allclose(shared.coefficients.grad, grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("evaluation", ["kernel", "two-stage"])

@@ -352,6 +352,31 @@ def test_vectorize_variants_compute_the_same_predictions() -> None:
         assert (a - b).abs().max().item() < 1e-4
 
 
+def test_corner_cut_times_cutting_against_slicing_on_separate_learners(tmp_path: Path) -> None:
+    from fewshot.acdc.layer import CoefficientCorners
+
+    corner_cut = load("corner_cut")
+    default = CoefficientCorners.min_elements
+    out = tmp_path / "cut.json"
+    result = corner_cut.main(["--configs", "main-acdc", "--rounds", "2", "--threads", "1", "--out", str(out)])
+    row = result["configs"]["main-acdc"]
+    assert row["coefficient_elements"] == 32 * 32 * 16  # the main job's Conv4: width 32, 16 atoms
+    times = {v: row["contenders"][v]["times_ms"] for v in ("cut", "sliced")}
+    assert all(len(t) == 2 for t in times.values())
+    ratios = [s / c for s, c in zip(times["sliced"], times["cut"])]
+    assert row["ratio"] == pytest.approx(sum(ratios) / 2, rel=1e-3)  # median of two rounds
+    assert CoefficientCorners.min_elements == default  # set on each learner's scopes, not on the class
+    steps, _ = corner_cut.contenders("main-acdc")
+    learners = {v: fn.__defaults__[0] for v, fn in steps.items()}
+    thresholds = {
+        v: {m.corners.min_elements for m in lr.modules() if hasattr(m, "corners")} for v, lr in learners.items()
+    }
+    assert thresholds == {"cut": {0}, "sliced": {float("inf")}}
+    with pytest.raises(SystemExit):
+        corner_cut.main(["--configs", "main-dense", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_acdc_overhead_per_layer_times_every_resnet_conv_shape(tmp_path: Path) -> None:
     acdc_overhead = load("acdc_overhead")
     argv = ["--backbones", "conv4", "--image-size", "16", "--batch", "1", "2", "--rounds", "1", "--warmup", "0"]

@@ -165,11 +165,18 @@ class CoefficientCorners:
     and shared by the convs of one forward pass: once taken by a conv they are held by weak reference
     only, so they live as long as the autograd graph that saved them; a pass that finds one of them gone,
     or the tensor changed in place (its version counter), cuts anew. Where there is no backward (no grad
-    mode, a tensor that does not require grad, inference mode) or no corner to cut (every conv reads all
-    of ``A``) the convs slice directly, as does a conv that was not registered (its corner is cut with the
-    others from the next pass on). Copies (``deepcopy``, pickling) keep the registrations and drop the
-    cut corners.
+    mode, a tensor that does not require grad, inference mode), no corner to cut (every conv reads all
+    of ``A``) or too little to gain (``A`` under ``min_elements`` elements) the convs slice directly, as
+    does a conv that was not registered (its corner is cut with the others from the next pass on).
+    Copies (``deepcopy``, pickling) keep the registrations and drop the cut corners.
     """
+
+    # Below this many elements in ``A`` the convs slice it: autograd's full-size gradient per reader then
+    # costs about what the cut's own overhead does, or less. A MAML meta-step sliced against cut
+    # (benchmarks/corner_cut.py, medians of 7 rounds): 0.88x for the main job's Conv4 (A of 16,384
+    # elements), 1.07x and 0.97x for the depth sweep's ResNet10 and ResNet18 (262,144), 1.05x for Chen et
+    # al.'s ResNet10 (2,097,152).
+    min_elements: int = 1 << 20
 
     def __init__(self, readers: dict[tuple[int, int], int] | None = None) -> None:
         self._readers: dict[tuple[int, int], int] = dict(readers or {})  # corner shape -> convs reading it
@@ -193,8 +200,10 @@ class CoefficientCorners:
         if shape not in self._readers:
             self.register(rows, cols)
             return sliced
-        if self._readers.keys() <= {full} or not (a.requires_grad and torch.is_grad_enabled()) or a.is_inference():
-            return sliced  # nothing to cut, or no backward
+        if a.numel() < self.min_elements or self._readers.keys() <= {full}:
+            return sliced  # too little to gain, or nothing to cut
+        if not (a.requires_grad and torch.is_grad_enabled()) or a.is_inference():
+            return sliced  # no backward
         try:
             version = a._version
         except RuntimeError:  # a tensor without a version counter (some functorch wrappers)
