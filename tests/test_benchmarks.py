@@ -377,6 +377,21 @@ def test_corner_cut_times_cutting_against_slicing_on_separate_learners(tmp_path:
     assert not (tmp_path / "x.json").exists()
 
 
+def test_tall_matmul_times_plain_against_pairs(tmp_path: Path) -> None:
+    tall_matmul = load("tall_matmul")
+    out = tmp_path / "tall.json"
+    argv = ["--rows", "32", "64", "--rounds", "2", "--calls", "2", "--threads", "1", "--out", str(out)]
+    result = tall_matmul.main(argv)
+    assert list(result["rows"]) == ["32", "64"] and result["settings"]["atoms"] == 16
+    assert all(
+        row["ratio"] > 0 and set(row["median_us_per_call"]) == {"plain", "pairs"} for row in result["rows"].values()
+    )
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    with pytest.raises(SystemExit):
+        tall_matmul.main(["--rows", "33", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_acdc_overhead_per_layer_times_every_resnet_conv_shape(tmp_path: Path) -> None:
     acdc_overhead = load("acdc_overhead")
     argv = ["--backbones", "conv4", "--image-size", "16", "--batch", "1", "2", "--rounds", "1", "--warmup", "0"]
