@@ -220,6 +220,50 @@ def save_result(out: str | None, script: str, payload: Mapping[str, Any]) -> Pat
     return path
 
 
+def finish_result(out: str | None, script: str, payload: dict[str, Any], started: float) -> dict[str, Any]:
+    """Add the load average at the end and the seconds since ``started`` (a ``time.perf_counter()``
+    reading) to ``payload``, save it (:func:`save_result`) and return it."""
+    payload["machine"]["load_average_1min_at_end"] = load_average()
+    payload["seconds"] = round(time.perf_counter() - started, 1)
+    save_result(out, script, payload)
+    return payload
+
+
+def measure_configs(
+    script: str,
+    argv: Sequence[str] | None,
+    args: Any,
+    measure: Callable[[str, Any], dict[str, Any]],
+    settings: Mapping[str, Any],
+    notes: str,
+) -> dict[str, Any]:
+    """The run of a per-configuration CPU benchmark: ``measure(name, args)`` for each of ``args.configs``
+    on ``args.threads`` threads, recorded with the command, the machine, ``settings`` and ``notes``, and
+    saved to ``args.out`` (:func:`finish_result`)."""
+    started = time.perf_counter()
+    device = prepare_device("cpu", args.threads)
+    payload: dict[str, Any] = {
+        "benchmark": script,
+        "command": command_line(script, argv),
+        "machine": machine(device),
+        "settings": dict(settings),
+        "configs": {name: measure(name, args) for name in args.configs},
+        "notes": notes,
+    }
+    return finish_result(args.out, script, payload, started)
+
+
+def ratio_of_rounds(times: Mapping[str, Sequence[float]], numerator: str, denominator: str) -> dict[str, Any]:
+    """The median over rounds of ``numerator``'s seconds over ``denominator``'s in the same round
+    (``ratio``), its interquartile range (``ratio_iqr``) and every contender's :func:`summarize_ms`."""
+    q1, ratio, q3 = quartiles(sorted(n / d for n, d in zip(times[numerator], times[denominator])))
+    return {
+        "ratio": round(ratio, 4),
+        "ratio_iqr": round(q3 - q1, 4),
+        "contenders": {name: summarize_ms(t) for name, t in times.items()},
+    }
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; floats get one decimal."""
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,17 +87,11 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     for fn in steps.values():  # warm-up
         fn()
     times = common.interleaved_times(steps, args.rounds)
-    ratios = sorted(s / c for s, c in zip(times["sliced"], times["cut"]))
-    q1, ratio, q3 = common.quartiles(ratios)
-    result = {
-        "coefficient_elements": elements,
-        "ratio": round(ratio, 4),
-        "ratio_iqr": round(q3 - q1, 4),
-        "contenders": {variant: common.summarize_ms(t) for variant, t in times.items()},
-    }
+    result = {"coefficient_elements": elements, **common.ratio_of_rounds(times, "sliced", "cut")}
     print(
         f"{name} (A: {elements:,} elements): cut {result['contenders']['cut']['median_ms']:.0f} ms, sliced "
-        f"{result['contenders']['sliced']['median_ms']:.0f} ms, ratio {ratio:.2f} (IQR {q3 - q1:.2f})",
+        f"{result['contenders']['sliced']['median_ms']:.0f} ms, ratio {result['ratio']:.2f} "
+        f"(IQR {result['ratio_iqr']:.2f})",
         flush=True,
     )
     return result
@@ -107,22 +100,12 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    started = time.perf_counter()
-    device = common.prepare_device("cpu", args.threads)
-    payload: dict[str, Any] = {
-        "benchmark": "corner_cut",
-        "command": common.command_line("corner_cut", argv),
-        "machine": common.machine(device),
-        "settings": {"rounds": args.rounds},
-        "configs": {name: measure(name, args) for name in args.configs},
-        "notes": "ratio = median over rounds of (sliced ms / cut ms) within the round; < 1: slicing each "
+    notes = (
+        "ratio = median over rounds of (sliced ms / cut ms) within the round; < 1: slicing each "
         "corner per conv is faster than cutting them once per pass. A MAML meta-step (backward_batch of the "
-        "meta-batch, task by task), channels-last.",
-    }
-    payload["machine"]["load_average_1min_at_end"] = common.load_average()
-    payload["seconds"] = round(time.perf_counter() - started, 1)
-    common.save_result(args.out, "corner_cut", payload)
-    return payload
+        "meta-batch, task by task), channels-last."
+    )
+    return common.measure_configs("corner_cut", argv, args, measure, {"rounds": args.rounds}, notes)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -185,17 +184,11 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         for fn in fns.values():  # warm-up
             fn()
         times = common.interleaved_times(fns, args.rounds)
-        ratios = sorted(c / p for c, p in zip(times["channels_last"], times["contiguous"]))
-        q1, ratio, q3 = common.quartiles(ratios)
-        result[kind] = {
-            "ratio": round(ratio, 4),
-            "ratio_iqr": round(q3 - q1, 4),
-            "contenders": {layout: common.summarize_ms(t) for layout, t in times.items()},
-        }
+        row = result[kind] = common.ratio_of_rounds(times, "channels_last", "contiguous")
         print(
-            f"{name} {kind}: contiguous {result[kind]['contenders']['contiguous']['median_ms']:.0f} ms, "
-            f"channels_last {result[kind]['contenders']['channels_last']['median_ms']:.0f} ms, "
-            f"ratio {ratio:.2f} (IQR {q3 - q1:.2f})",
+            f"{name} {kind}: contiguous {row['contenders']['contiguous']['median_ms']:.0f} ms, "
+            f"channels_last {row['contenders']['channels_last']['median_ms']:.0f} ms, "
+            f"ratio {row['ratio']:.2f} (IQR {row['ratio_iqr']:.2f})",
             flush=True,
         )
     return result
@@ -204,22 +197,14 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    started = time.perf_counter()
-    device = common.prepare_device("cpu", args.threads)
-    payload: dict[str, Any] = {
-        "benchmark": "memory_format",
-        "command": common.command_line("memory_format", argv),
-        "machine": common.machine(device),
-        "settings": {"rounds": args.rounds, "meta_batch": args.meta_batch},
-        "configs": {name: measure(name, args) for name in args.configs},
-        "notes": "ratio = median over rounds of (channels_last ms / contiguous ms) within the round; < 1: "
+    notes = (
+        "ratio = median over rounds of (channels_last ms / contiguous ms) within the round; < 1: "
         "channels_last is faster. train_step: backward_batch of the meta-batch; predict: predict_batch of "
-        "as many test episodes; supervised_step: one SGD step of fit on a fixed batch.",
-    }
-    payload["machine"]["load_average_1min_at_end"] = common.load_average()
-    payload["seconds"] = round(time.perf_counter() - started, 1)
-    common.save_result(args.out, "memory_format", payload)
-    return payload
+        "as many test episodes; supervised_step: one SGD step of fit on a fixed batch."
+    )
+    return common.measure_configs(
+        "memory_format", argv, args, measure, {"rounds": args.rounds, "meta_batch": args.meta_batch}, notes
+    )
 
 
 if __name__ == "__main__":

@@ -101,10 +101,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "notes": "ratio = median over rounds of (pairs / plain) for (R x atoms) @ (atoms x cols), forward and "
         "backward to both inputs; < 1: the pairs are faster.",
     }
-    payload["machine"]["load_average_1min_at_end"] = common.load_average()
-    payload["seconds"] = round(time.perf_counter() - started, 1)
-    common.save_result(args.out, "tall_matmul", payload)
-    return payload
+    return common.finish_result(args.out, "tall_matmul", payload, started)
 
 
 if __name__ == "__main__":

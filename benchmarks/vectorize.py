@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,17 +96,11 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         for fn in fns.values():  # warm-up
             fn()
         times = common.interleaved_times(fns, args.rounds)
-        ratios = sorted(v / t for v, t in zip(times["vmap"], times["task_by_task"]))
-        q1, ratio, q3 = common.quartiles(ratios)
-        result[kind] = {
-            "ratio": round(ratio, 4),
-            "ratio_iqr": round(q3 - q1, 4),
-            "contenders": {variant: common.summarize_ms(t) for variant, t in times.items()},
-        }
-        medians = {variant: result[kind]["contenders"][variant]["median_ms"] for variant in VARIANTS}
+        row = result[kind] = common.ratio_of_rounds(times, "vmap", "task_by_task")
+        medians = {variant: row["contenders"][variant]["median_ms"] for variant in VARIANTS}
         print(
             f"{name} {kind}: task by task {medians['task_by_task']:.0f} ms, vmap {medians['vmap']:.0f} ms, "
-            f"ratio {ratio:.2f} (IQR {q3 - q1:.2f})",
+            f"ratio {row['ratio']:.2f} (IQR {row['ratio_iqr']:.2f})",
             flush=True,
         )
     return result
@@ -116,22 +109,12 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    started = time.perf_counter()
-    device = common.prepare_device("cpu", args.threads)
-    payload: dict[str, Any] = {
-        "benchmark": "vectorize",
-        "command": common.command_line("vectorize", argv),
-        "machine": common.machine(device),
-        "settings": {"rounds": args.rounds},
-        "configs": {name: measure(name, args) for name in args.configs},
-        "notes": "ratio = median over rounds of (vmap ms / task-by-task ms) within the round; < 1: the vmap "
+    notes = (
+        "ratio = median over rounds of (vmap ms / task-by-task ms) within the round; < 1: the vmap "
         "is faster. train_step: backward_batch of the meta-batch; predict: predict_batch of eval_batch test "
-        "episodes. Channels-last weights and images, as run_maml.py on a CPU.",
-    }
-    payload["machine"]["load_average_1min_at_end"] = common.load_average()
-    payload["seconds"] = round(time.perf_counter() - started, 1)
-    common.save_result(args.out, "vectorize", payload)
-    return payload
+        "episodes. Channels-last weights and images, as run_maml.py on a CPU."
+    )
+    return common.measure_configs("vectorize", argv, args, measure, {"rounds": args.rounds}, notes)
 
 
 if __name__ == "__main__":
