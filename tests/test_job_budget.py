@@ -133,6 +133,15 @@ def test_job_seconds_stops_training_and_writes_a_complete_result(tmp_path: Path)
     assert yaml.safe_load((out / "config.yaml").read_text())["job_seconds"] == 0.001
 
 
+def test_job_seconds_ends_the_training_of_any_episodic_learner(tmp_path: Path) -> None:
+    argv = ["--method", "protonet", *TINY[:9], "--train-episodes", "50", "--val-every", "20"]
+    record = main(
+        [*argv, "--val-episodes", "4", "--test-episodes", "6", "--job-seconds", "0.001", "--out", str(tmp_path / "r")]
+    )
+    assert record["method"] == "protonet" and record["meta_steps"] == 1 and record["meta_steps_planned"] == 50
+    assert record["stopped_by"] == "job_seconds" and record["episodes"] == 6
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
