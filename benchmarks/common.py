@@ -253,6 +253,23 @@ def measure_configs(
     return finish_result(args.out, script, payload, started)
 
 
+def timed_ratio(
+    label: str, contenders: Mapping[str, Callable[[], Any]], rounds: int, numerator: str, denominator: str
+) -> dict[str, Any]:
+    """Warm each contender up once, time them interleaved over ``rounds`` (:func:`interleaved_times`),
+    print one line under ``label`` and return :func:`ratio_of_rounds` of ``numerator`` over ``denominator``."""
+    for fn in contenders.values():
+        fn()
+    row = ratio_of_rounds(interleaved_times(contenders, rounds), numerator, denominator)
+    medians = {name: row["contenders"][name]["median_ms"] for name in (denominator, numerator)}
+    print(
+        f"{label}: {denominator} {medians[denominator]:.0f} ms, {numerator} {medians[numerator]:.0f} ms, "
+        f"ratio {row['ratio']:.2f} (IQR {row['ratio_iqr']:.2f})",
+        flush=True,
+    )
+    return row
+
+
 def ratio_of_rounds(times: Mapping[str, Sequence[float]], numerator: str, denominator: str) -> dict[str, Any]:
     """The median over rounds of ``numerator``'s seconds over ``denominator``'s in the same round
     (``ratio``), its interquartile range (``ratio_iqr``) and every contender's :func:`summarize_ms`."""

@@ -84,16 +84,8 @@ def contenders(name: str) -> tuple[dict[str, Callable[[], None]], int]:
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     steps, elements = contenders(name)
-    for fn in steps.values():  # warm-up
-        fn()
-    times = common.interleaved_times(steps, args.rounds)
-    result = {"coefficient_elements": elements, **common.ratio_of_rounds(times, "sliced", "cut")}
-    print(
-        f"{name} (A: {elements:,} elements): cut {result['contenders']['cut']['median_ms']:.0f} ms, sliced "
-        f"{result['contenders']['sliced']['median_ms']:.0f} ms, ratio {result['ratio']:.2f} "
-        f"(IQR {result['ratio_iqr']:.2f})",
-        flush=True,
-    )
+    label = f"{name} (A: {elements:,} elements)"
+    result = {"coefficient_elements": elements, **common.timed_ratio(label, steps, args.rounds, "sliced", "cut")}
     return result
 
 

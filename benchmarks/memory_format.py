@@ -181,16 +181,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
     steps = supervised_contenders(name) if name in SUPERVISED else contenders(name, args)
     for kind, fns in steps.items():
-        for fn in fns.values():  # warm-up
-            fn()
-        times = common.interleaved_times(fns, args.rounds)
-        row = result[kind] = common.ratio_of_rounds(times, "channels_last", "contiguous")
-        print(
-            f"{name} {kind}: contiguous {row['contenders']['contiguous']['median_ms']:.0f} ms, "
-            f"channels_last {row['contenders']['channels_last']['median_ms']:.0f} ms, "
-            f"ratio {row['ratio']:.2f} (IQR {row['ratio_iqr']:.2f})",
-            flush=True,
-        )
+        result[kind] = common.timed_ratio(f"{name} {kind}", fns, args.rounds, "channels_last", "contiguous")
     return result
 
 

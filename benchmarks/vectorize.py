@@ -93,16 +93,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     steps, sizes = contenders(name, args)
     result: dict[str, Any] = {"sizes": sizes}
     for kind, fns in steps.items():
-        for fn in fns.values():  # warm-up
-            fn()
-        times = common.interleaved_times(fns, args.rounds)
-        row = result[kind] = common.ratio_of_rounds(times, "vmap", "task_by_task")
-        medians = {variant: row["contenders"][variant]["median_ms"] for variant in VARIANTS}
-        print(
-            f"{name} {kind}: task by task {medians['task_by_task']:.0f} ms, vmap {medians['vmap']:.0f} ms, "
-            f"ratio {row['ratio']:.2f} (IQR {row['ratio_iqr']:.2f})",
-            flush=True,
-        )
+        result[kind] = common.timed_ratio(f"{name} {kind}", fns, args.rounds, "vmap", "task_by_task")
     return result
 
 

@@ -325,8 +325,8 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 # From this many rows on, tall_matmul takes them in pairs; below, the block_diag and reshapes cost more
-# than the pairs save (python benchmarks/tall_matmul.py, m = 16 atoms by 9: pairs/plain 1.95 at 32 rows,
-# 1.3-1.4 at 1,024, 0.7-0.9 at 4,096, 0.5 at 262,144).
+# than the pairs save (python benchmarks/tall_matmul.py, m = 16 atoms by 9: pairs/plain 2.05 at 32 rows,
+# 1.40 at 1,024, 1.07 at 2,048, 0.89 at 4,096, 0.59-0.73 from 16,384).
 PAIRED_MIN_ROWS = 2048
 
 
