@@ -70,25 +70,66 @@ TRAIN = [make_episode(seed=100 + i, dtype=torch.float32) for i in range(40)]
 VAL = [make_episode(seed=900 + i, dtype=torch.float32) for i in range(3)]
 
 
-def _train(tmp: Path, job: JobBudget | None, val_every: int = 2) -> dict:
+class RestlessMAML(MAML):
+    """MAML whose predictions draw from the global RNG and count themselves in a buffer, as a learner with
+    stochastic or stateful evaluation would."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("predictions", torch.zeros(()))
+
+    def predict_batch(self, episodes):
+        torch.rand(1)
+        self.predictions += len(episodes)
+        return super().predict_batch(episodes)
+
+
+def _train(
+    tmp: Path,
+    job: JobBudget | None,
+    val_every: int = 2,
+    val: list | None = None,
+    eval_batch: int = 1,
+    learner_class: type[MAML] = MAML,
+) -> dict:
     torch.manual_seed(0)
-    learner = MAML(DropNet(), ways=3, inner_steps=1, test_inner_steps=1)
-    schedule = EpisodicSchedule(meta_steps=20, meta_batch=2, val_every=val_every)
+    learner = learner_class(DropNet(), ways=3, inner_steps=1, test_inner_steps=1)
+    schedule = EpisodicSchedule(meta_steps=20, meta_batch=2, val_every=val_every, eval_batch=eval_batch)
     return train_episodic(
-        learner, TRAIN, VAL, schedule, tmp, spec=ModelSpec(backbone="dropnet"), progress=False, job=job
+        learner,
+        TRAIN,
+        VAL if val is None else val,
+        schedule,
+        tmp,
+        spec=ModelSpec(backbone="dropnet"),
+        progress=False,
+        job=job,
     )
 
 
-def test_training_stops_at_the_first_validation_that_prices_the_test_out_of_the_budget(tmp_path: Path) -> None:
-    # An hour of budget, but a test of 10^9 episodes: until step 2's validation times an episode, the
-    # steps fit; from then on the test cannot, so training stops there.
-    summary = _train(tmp_path / "r", JobBudget(3600.0, test_episodes=10**9))
-    assert summary["meta_steps"] == 2 and summary["meta_steps_planned"] == 20
-    assert summary["stopped_by"] == "job_seconds" and summary["best_step"] == 2
+def test_the_test_is_priced_before_the_first_meta_step(tmp_path: Path) -> None:
+    # An hour of budget, but a test of 10^9 episodes; the first validation would come at step 5. The
+    # slice of validation episodes timed before training prices the test out of the budget at once:
+    # training stops after the first step (validated), not at step 5.
+    summary = _train(tmp_path / "r", JobBudget(3600.0, test_episodes=10**9), val_every=5)
+    assert summary["meta_steps"] == 1 and summary["meta_steps_planned"] == 20
+    assert summary["stopped_by"] == "job_seconds" and summary["best_step"] == 1
     assert summary["job_seconds"] == 3600.0 and summary["predicted_test_seconds"] > 3600.0
+    # eval_batch 1: one episode of warm-up, then the other two of the three timed
+    assert summary["priced_eval_episodes"] == 2 and summary["priced_eval_seconds"] > 0
     log = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2] and "val_acc" in log[1]
-    assert load_checkpoint(tmp_path / "r" / "last.pt")["progress"]["step"] == 2
+    assert [r["step"] for r in log] == [1] and "val_acc" in log[0]
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["progress"]["step"] == 1
+
+
+@pytest.mark.parametrize(("val_episodes", "eval_batch", "timed"), [(40, 1, 8), (40, 4, 8), (40, 16, 16), (20, 16, 4)])
+def test_the_priced_slice_is_a_whole_batch_after_a_batch_of_warm_up(
+    tmp_path: Path, val_episodes: int, eval_batch: int, timed: int
+) -> None:
+    val = [make_episode(seed=900 + i, dtype=torch.float32) for i in range(val_episodes)]
+    job = JobBudget(3600.0, test_episodes=1)
+    summary = _train(tmp_path / "r", job, val_every=20, val=val, eval_batch=eval_batch)
+    assert summary["priced_eval_episodes"] == timed
 
 
 def test_a_step_past_the_budget_is_validated_before_training_stops(tmp_path: Path) -> None:
@@ -101,13 +142,18 @@ def test_a_step_past_the_budget_is_validated_before_training_stops(tmp_path: Pat
     assert job.eval_episode_seconds is not None and job.eval_episode_seconds > 0
 
 
-def test_a_budget_with_room_leaves_the_step_budget_in_charge(tmp_path: Path) -> None:
-    with_room = _train(tmp_path / "a", JobBudget(3600.0, test_episodes=10))
-    without = _train(tmp_path / "b", None)
+@pytest.mark.parametrize("learner_class", [MAML, RestlessMAML])
+def test_a_budget_with_room_leaves_the_step_budget_in_charge(tmp_path: Path, learner_class: type[MAML]) -> None:
+    with_room = _train(tmp_path / "a", JobBudget(3600.0, test_episodes=10), learner_class=learner_class)
+    without = _train(tmp_path / "b", None, learner_class=learner_class)
     assert with_room["meta_steps"] == without["meta_steps"] == 20
     assert with_room["stopped_by"] == without["stopped_by"] == "meta_steps"
-    assert with_room["best_val_acc"] == without["best_val_acc"]  # the budget's checks change nothing
     assert "job_seconds" not in without and with_room["predicted_test_seconds"] > 0
+    # The budget's checks and the evaluation priced before training change nothing: not the model, its
+    # buffers nor the random draws of the dropout that training makes, even where evaluating changes them.
+    assert with_room["best_val_acc"] == without["best_val_acc"]
+    a, b = (load_checkpoint(tmp_path / r / "last.pt")["model"] for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_job_budget_needs_validation_during_training(tmp_path: Path) -> None:
@@ -129,6 +175,7 @@ def test_job_seconds_stops_training_and_writes_a_complete_result(tmp_path: Path)
     assert record["stopped_by"] == "job_seconds" and record["job_seconds"] == 0.001
     assert record["best_step"] == 1 and record["episodes"] == 6
     assert record["predicted_test_seconds"] > 0 and record["test_seconds"] > 0
+    assert record["priced_eval_episodes"] > 0 and record["priced_eval_seconds"] > 0  # timed before step 1
     assert json.loads((out / "result.json").read_text()) == record
     assert yaml.safe_load((out / "config.yaml").read_text())["job_seconds"] == 0.001
 

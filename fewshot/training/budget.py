@@ -28,8 +28,9 @@ class JobBudget:
 
     Episodic training asks it after every meta-step whether one more step, the validation of the step
     training stops at and the ``test_episodes`` test episodes still fit. The evaluation is priced per
-    episode from the latest validation pass (``note_evaluation``), which runs the test's settings; before
-    the first one is timed only the step itself is counted.
+    episode from the latest timed evaluation (``note_evaluation``) with the test's settings: a slice of
+    the validation episodes before the first meta-step, then every validation pass. Until one is noted
+    only the step itself is counted.
     """
 
     seconds: float

@@ -115,6 +115,11 @@ class _MetaBatches(torch.utils.data.Dataset):
         return [self.episodes[first + k] for k in range(self.rank, self.meta_batch, self.world)]
 
 
+PRICED_MIN_EPISODES = 8
+"""The fewest validation episodes a job budget times before training (more when ``eval_batch`` is larger:
+one whole batch, after a batch of warm-up)."""
+
+
 def _as_list(batch: list[Episode]) -> list[Episode]:
     return batch
 
@@ -214,24 +219,49 @@ class _Run:
     ) -> tuple[EvaluationResult, float]:
         """Accuracy on the validation episodes and the seconds their evaluation took (checkpoints not
         counted); saves ``best.pt`` when it is the best so far, and ``last.pt``."""
-        self.learner.eval()
-        batch = self.schedule.eval_batch
-        started = time.perf_counter()
-        val = evaluate(
-            self.learner,
-            episodes,
-            device=device,
-            progress=False,
-            batch=batch,
-            info=self.info,
-            memory_format=self.memory_format,
-        )
-        evaluation_seconds = all_reduce_max(time.perf_counter() - started, self.info)
+        val, evaluation_seconds = self._timed_evaluation(episodes, device)
         if val.mean > self.state.best_acc:
             self.state.best_acc, self.state.best_step = val.mean, step
             self.save(BEST, step, seconds)
         self.save(LAST, step, seconds)
         return val, evaluation_seconds
+
+    def price_evaluation(self, episodes: Sequence[Episode], device) -> tuple[float, int]:
+        """Time the evaluation of a slice of ``episodes`` with the validation's settings, after one
+        ``eval_batch`` of them as warm-up: (seconds, episodes timed). The model, its buffers and the random
+        state are left as they were (nothing is saved); the job budget prices its evaluations with it until
+        the first validation pass."""
+        batch, n = self.schedule.eval_batch, len(episodes)
+        warm_up = [episodes[i] for i in range(min(batch, n))]
+        timed = [episodes[i] for i in range(len(warm_up), min(n, batch + max(batch, PRICED_MIN_EPISODES)))]
+        if not timed:  # too few episodes for a warm-up: time them all, cold
+            warm_up, timed = [], warm_up
+        buffers = {name: b.clone() for name, b in self.learner.named_buffers()}
+        cuda = [self.info.device] if self.info.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            if warm_up:
+                self._timed_evaluation(warm_up, device)
+            _, seconds = self._timed_evaluation(timed, device)
+        with torch.no_grad():
+            for name, b in self.learner.named_buffers():
+                b.copy_(buffers[name])
+        return seconds, len(timed)
+
+    def _timed_evaluation(self, episodes: Sequence[Episode], device) -> tuple[EvaluationResult, float]:
+        """Accuracy on ``episodes`` in eval mode with the validation's settings, and the seconds it took
+        (the slowest rank's)."""
+        self.learner.eval()
+        started = time.perf_counter()
+        result = evaluate(
+            self.learner,
+            episodes,
+            device=device,
+            progress=False,
+            batch=self.schedule.eval_batch,
+            info=self.info,
+            memory_format=self.memory_format,
+        )
+        return result, all_reduce_max(time.perf_counter() - started, self.info)
 
 
 def backward_meta_batch(learner: Learner, batch: list[Episode], info: DistInfo) -> tuple[torch.Tensor, float]:
@@ -332,6 +362,11 @@ def _meta_train(
     bar = tqdm(
         batches, initial=start, total=schedule.meta_steps, desc="meta-train", disable=not (progress and info.is_main)
     )
+    priced: dict[str, Any] = {}
+    if job is not None:  # the test's price before the first validation pass, which may come too late
+        priced_seconds, priced_episodes = run.price_evaluation(val_episodes, device)
+        job.note_evaluation(priced_seconds, priced_episodes)
+        priced = {"priced_eval_episodes": priced_episodes, "priced_eval_seconds": round(priced_seconds, 3)}
     step, stopped_by, seconds = start, "meta_steps", seconds_before
     step_began = time.perf_counter()
     for step, batch in enumerate(bar, start=start + 1):
@@ -372,7 +407,9 @@ def _meta_train(
     }
     if job is not None:
         summary.update(
-            job_seconds=job.seconds, predicted_test_seconds=round(job.predicted_evaluation(job.test_episodes), 2)
+            job_seconds=job.seconds,
+            predicted_test_seconds=round(job.predicted_evaluation(job.test_episodes), 2),
+            **priced,
         )
     return summary
 
