@@ -107,7 +107,7 @@ def _train(
     )
 
 
-def test_the_test_is_priced_before_the_first_meta_step(tmp_path: Path) -> None:
+def test_the_test_is_priced_before_the_first_meta_step(tmp_path: Path, capsys) -> None:
     # An hour of budget, but a test of 10^9 episodes; the first validation would come at step 5. The
     # slice of validation episodes timed before training prices the test out of the budget at once:
     # training stops after the first step (validated), not at step 5.
@@ -120,6 +120,23 @@ def test_the_test_is_priced_before_the_first_meta_step(tmp_path: Path) -> None:
     log = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1] and "val_acc" in log[0]
     assert load_checkpoint(tmp_path / "r" / "last.pt")["progress"]["step"] == 1
+    err = capsys.readouterr().err
+    assert err.startswith("--job-seconds 3600: training stopped after meta-step 1 of 20 at ")
+    assert "the test of 1000000000 episodes (predicted " in err
+    assert "the job will still end past 3600 s: this machine evaluates too slowly for the budget" in err
+
+
+def test_a_stop_with_room_for_the_test_says_so_without_a_warning(tmp_path: Path, capsys) -> None:
+    # 0.1 ms of a 10 s budget left and nothing to test: no room for another step, but the job ends in time.
+    clock = FakeClock()
+    job = JobBudget(10.0, test_episodes=0, started=clock.now - 9.9999, clock=clock)
+    summary = _train(tmp_path / "r", job, val_every=5)
+    assert summary["meta_steps"] == 1 and summary["stopped_by"] == "job_seconds"
+    err = capsys.readouterr().err
+    assert err == (
+        "--job-seconds 10: training stopped after meta-step 1 of 20 at 10 s, leaving room for the test of 0 "
+        "episodes (predicted 0 s)\n"
+    )
 
 
 @pytest.mark.parametrize(("val_episodes", "eval_batch", "timed"), [(40, 1, 8), (40, 4, 8), (40, 16, 16), (20, 16, 4)])

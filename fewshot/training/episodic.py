@@ -397,6 +397,8 @@ def _meta_train(
             break
         step_began = time.perf_counter()
     bar.close()
+    if stopped_by == "job_seconds" and info.is_main:
+        print(_job_stop_note(job, step, schedule.meta_steps), file=sys.stderr)
     summary = {
         "meta_steps": step,
         "meta_steps_planned": schedule.meta_steps,
@@ -412,6 +414,21 @@ def _meta_train(
             **priced,
         )
     return summary
+
+
+def _job_stop_note(job: JobBudget, step: int, planned: int) -> str:
+    """What the job budget did and why, for stderr: where training stopped and the predicted test."""
+    test = job.predicted_evaluation(job.test_episodes)
+    note = (
+        f"--job-seconds {job.seconds:g}: training stopped after meta-step {step} of {planned} at "
+        f"{job.elapsed():.0f} s, leaving room for the test of {job.test_episodes} episodes (predicted {test:.0f} s)"
+    )
+    if job.elapsed() + test > job.seconds:
+        note += (
+            f"; the job will still end past {job.seconds:g} s: this machine evaluates too slowly for the "
+            "budget (raise --job-seconds, or lower --test-episodes)"
+        )
+    return note
 
 
 def _no_room_for_another_step(job: JobBudget, step_seconds: float, val_episodes: int, info: DistInfo) -> bool:
