@@ -43,6 +43,10 @@ from fewshot.training.run_folder import BEST, LAST, LOG, JsonlLog, remove_stale_
 
 LR_SCHEDULES = ("constant", "cosine")
 
+PRICED_MIN_EPISODES = 8
+"""The fewest validation episodes a job budget times before training (more when ``eval_batch`` is larger:
+one whole batch, after a batch of warm-up)."""
+
 
 @dataclass
 class EpisodicSchedule:
@@ -113,11 +117,6 @@ class _MetaBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> list[Episode]:
         first = (self.start + i) * self.meta_batch
         return [self.episodes[first + k] for k in range(self.rank, self.meta_batch, self.world)]
-
-
-PRICED_MIN_EPISODES = 8
-"""The fewest validation episodes a job budget times before training (more when ``eval_batch`` is larger:
-one whole batch, after a batch of warm-up)."""
 
 
 def _as_list(batch: list[Episode]) -> list[Episode]:
@@ -418,12 +417,12 @@ def _meta_train(
 
 def _job_stop_note(job: JobBudget, step: int, planned: int) -> str:
     """What the job budget did and why, for stderr: where training stopped and the predicted test."""
-    test = job.predicted_evaluation(job.test_episodes)
+    elapsed, test = job.elapsed(), job.predicted_evaluation(job.test_episodes)
     note = (
         f"--job-seconds {job.seconds:g}: training stopped after meta-step {step} of {planned} at "
-        f"{job.elapsed():.0f} s, leaving room for the test of {job.test_episodes} episodes (predicted {test:.0f} s)"
+        f"{elapsed:.0f} s, leaving room for the test of {job.test_episodes} episodes (predicted {test:.0f} s)"
     )
-    if job.elapsed() + test > job.seconds:
+    if elapsed + test > job.seconds:
         note += (
             f"; the job will still end past {job.seconds:g} s: this machine evaluates too slowly for the "
             "budget (raise --job-seconds, or lower --test-episodes)"
