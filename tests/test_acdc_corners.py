@@ -291,3 +291,70 @@ def _graph_nodes(output: torch.Tensor) -> list:
             seen.append(node)
             todo.extend(n for n, _ in node.next_functions)
     return seen
+
+
+class FullSizeCopies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the copies (clone, copy_) of tensors of a given shape that run inside the mode."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default) and args[0].shape == self.shape:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("evaluation", ["kernel", "two-stage"])
+def test_the_layers_full_size_gradient_becomes_the_sum_without_a_copy(evaluation: str) -> None:
+    model, reference = stack(evaluation), stack(evaluation, plain=True)
+    a = coefficients(model)
+    model(X)  # registers every reader: the pass below cuts
+    out = model(X).square().sum()
+    with FullSizeCopies(a.shape) as copies:
+        out.backward()
+    assert copies.count == 0  # no copy of the first full-size gradient, no self-copy of an in-place sum
+    reference(X).square().sum().backward()
+    assert (a.grad - coefficients(reference).grad).abs().max().item() <= 1e-12
+    assert not hasattr(a.grad, "_acdc_summable_gradient")  # the mark lives within one backward only
+
+
+@pytest.mark.parametrize("used", [False, True])
+def test_a_full_size_corner_handed_out_is_never_summed_into(used: bool) -> None:
+    """corner() asked again within a pass hands out the full-size corner a conv took: as a view of it, so
+    that what the caller does with it (a hook that keeps its gradient; an expression whose gradient is
+    also w's) never holds the tensor that the cut sums into in place."""
+    torch.manual_seed(2)
+    w = torch.randn(6, 6, 3, dtype=torch.float64, requires_grad=True)
+
+    def run(model: Stack) -> tuple[torch.Tensor, ...]:
+        model(X)
+        out = model(X)
+        handed = model.convs[6].coefficient_view()  # all of A, as convs[6] took it in this pass
+        kept = []
+        handed.register_hook(lambda g: kept.append((g, g.clone())))
+        loss = out.square().sum() + ((handed + w).square().sum() if used else 0.0)
+        loss.backward()
+        assert len(kept) == int(used)  # the hook runs where the caller's tensor has a gradient
+        for held, at_hook in kept:
+            assert torch.equal(held, at_hook)  # what the hook kept was not changed afterwards
+        grads = coefficients(model).grad.clone(), w.grad.clone() if used else w
+        w.grad = None
+        return *grads, *(held for held, _ in kept)
+
+    a_grad, w_grad, *held = run(stack())
+    a_ref, w_ref, *held_ref = run(stack(plain=True))
+    assert all((x - y).abs().max().item() <= 1e-12 for x, y in zip(held, held_ref))
+    assert (a_grad - a_ref).abs().max().item() <= 1e-12 and (w_grad - w_ref).abs().max().item() <= 1e-12
+
+
+def test_a_gradient_with_a_graph_is_copied_not_summed_into() -> None:
+    """create_graph (second-order MAML): the full-size gradient is part of a graph, so the sum is a copy."""
+    model = stack()
+    params = list(model.parameters())
+    model(X)
+    loss = model(X).square().sum()
+    with FullSizeCopies(coefficients(model).shape) as copies:
+        torch.autograd.grad(loss, params, create_graph=True)
+    assert copies.count == 1

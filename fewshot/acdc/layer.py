@@ -78,10 +78,50 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     return x if groups == 1 else F.channel_shuffle(x, groups)
 
 
+# The attribute by which :class:`_ProductOperand` tells :class:`_CutCorners` that a full-size gradient
+# is held by nobody else, so that it may become the gradient sum itself (set and removed within one backward).
+_SUMMABLE = "_acdc_summable_gradient"
+
+
+def _summable(grad: Tensor) -> bool:
+    """Whether a gradient this backward owns outright may be added into in place: no double backward
+    (grad mode off), a plain dense tensor (not a tensor subclass or a functorch wrapper), no overlap."""
+    return (
+        not torch.is_grad_enabled()
+        and type(grad) is Tensor
+        and not torch._C._functorch.is_functorch_wrapped_tensor(grad)
+        and grad.is_contiguous()
+    )
+
+
+class _ProductOperand(torch.autograd.Function):
+    """The identity on a full-size corner that a layer multiplies (and on nothing else). Its output is
+    private to the layer, whose matrix product gives it a fresh gradient: backward marks that gradient as
+    the sole reference (:data:`_SUMMABLE`) so that :class:`_CutCorners` sums into it instead of copying
+    it. Should autograd first add another reader's gradient to it out of place, the sum is unmarked."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        if _summable(grad):
+            setattr(grad, _SUMMABLE, True)
+        return grad
+
+
 class _CutCorners(torch.autograd.Function):
     """The leading corners ``a[:rows, :cols]`` of ``shapes`` (largest first), cut at once: the full-size
     one sharing ``a``'s storage, the others as contiguous copies. Backward sums their gradients into one
-    tensor of ``a``'s size, adding each in place at its own size."""
+    tensor of ``a``'s size, adding each in place at its own size: into the first full-size gradient
+    itself where :class:`_ProductOperand` marked it as held by nobody else, else into a copy of it."""
 
     generate_vmap_rule = True
 
@@ -105,12 +145,16 @@ class _CutCorners(torch.autograd.Function):
         for (rows, cols), g in zip(ctx.shapes, grads):  # largest first
             if g is None:
                 continue
+            owned = g.__dict__.pop(_SUMMABLE, False) and _summable(g)
             padding = (0, 0, 0, cols_full - cols, 0, rows_full - rows)
             if total is None:  # the largest gradient present, padded to full size, becomes the sum
-                total = g.clone() if (rows, cols) == ctx.full else F.pad(g, padding)
+                if (rows, cols) == ctx.full:
+                    total = g if owned else g.clone()
+                else:
+                    total = F.pad(g, padding)
                 continue
             try:
-                total[:rows, :cols] += g
+                total[:rows, :cols].add_(g)  # (not `+=`, whose setitem copies the corner onto itself)
             except RuntimeError:  # under vmap, an unbatched sum cannot take a batched gradient in place
                 total = total + F.pad(g, padding)
         return total, None
@@ -194,20 +238,33 @@ class CoefficientCorners:
 
     def corner(self, a: Tensor, rows: int, cols: int) -> Tensor:
         """``a[:rows, :cols]`` (``a`` itself, or a tensor sharing its storage, when that is all of it)."""
+        corner, alias = self._take(a, rows, cols)
+        # Not the cut's own full-size alias, whose gradient may be summed into in place (_ProductOperand):
+        # a view of it, so that what callers do with their tensor (hooks included) stays theirs.
+        return corner.view_as(corner) if alias else corner
+
+    def operand(self, a: Tensor, rows: int, cols: int) -> Tensor:
+        """:meth:`corner`, for a layer that only multiplies it by another tensor and keeps nothing of it:
+        the full-size alias then gets its gradient summed into in place (:class:`_ProductOperand`)."""
+        corner, alias = self._take(a, rows, cols)
+        return _ProductOperand.apply(corner) if alias else corner
+
+    def _take(self, a: Tensor, rows: int, cols: int) -> tuple[Tensor, bool]:
+        """``a[:rows, :cols]`` as :meth:`corner` explains, and whether it is a cut's full-size alias."""
         full = (a.shape[0], a.shape[1])
         shape = (rows, cols)
         sliced = a if shape == full else a[:rows, :cols]
         if shape not in self._readers:
             self.register(rows, cols)
-            return sliced
+            return sliced, False
         if a.numel() < self.min_elements or self._readers.keys() <= {full}:
-            return sliced  # too little to gain, or nothing to cut
+            return sliced, False  # too little to gain, or nothing to cut
         if not (a.requires_grad and torch.is_grad_enabled()) or a.is_inference():
-            return sliced  # no backward
+            return sliced, False  # no backward
         try:
             version = a._version
         except RuntimeError:  # a tensor without a version counter (some functorch wrappers)
-            return sliced
+            return sliced, False
         cut = self._cut.get(a)
         if cut is None or not cut.usable(version):
             fitting = [s for s in self._readers if s[0] <= full[0] and s[1] <= full[1]]
@@ -218,7 +275,7 @@ class CoefficientCorners:
         corner, again = cut.take(shape)
         if again and shape == full:  # one more conv reads all of A: the next cut gives it its own alias
             self._readers[full] += 1
-        return corner
+        return corner, shape == full
 
     def __deepcopy__(self, memo: dict) -> CoefficientCorners:
         return CoefficientCorners(self._readers)
@@ -560,6 +617,11 @@ class ACDCConv2d(nn.Module):
         rows, cols = self.coefficient_shape
         return self.shared.corners.corner(self.shared(), rows, cols)
 
+    def _coefficient_operand(self) -> Tensor:
+        """:meth:`coefficient_view` for this layer's own products (:meth:`CoefficientCorners.operand`)."""
+        rows, cols = self.coefficient_shape
+        return self.shared.corners.operand(self.shared(), rows, cols)
+
     # ---- kernel ---------------------------------------------------------------------------------
     def sample_atom_mask(self) -> Tensor | None:
         """A fresh keep-mask (already scaled by ``1/(1-p)``) in training mode, else None.
@@ -585,7 +647,7 @@ class ACDCConv2d(nn.Module):
         ``atom_mask`` (shape ``atoms.shape[:-2]``) multiplies the atoms; None means no atom-drop.
         """
         d = self.atoms if atom_mask is None else self.atoms * atom_mask[..., None, None]
-        a = self.coefficient_view()
+        a = self._coefficient_operand()
         if self.group_size is None:
             # K as a (c_out*c_in, m) @ (m, kh*kw) product: the (o, i, h, w) layout the conv wants.
             m = d.shape[0]
@@ -654,7 +716,7 @@ class ACDCConv2d(nn.Module):
         d = _ContiguousGrad.apply(d).reshape(m, taps).t()  # (a transposed view: its gradient made contiguous)
         z = tall_matmul(cols, d)  # every input channel at every position with each atom
         z = z.view(c, positions, m).transpose(1, 2).reshape(c * m, positions)  # rows i*m + k
-        a = self.coefficient_view().reshape(self.out_channels, c * m)  # [o, i*m + k] = A[o, i, k]
+        a = self._coefficient_operand().reshape(self.out_channels, c * m)  # [o, i*m + k] = A[o, i, k]
         y = a @ z if bias is None else torch.addmm(bias.unsqueeze(1), a, z)  # (c_out, N*L)
         return y.view(self.out_channels, n, h_out, w_out).transpose(0, 1).contiguous(memory_format=_layout_of(x))
 
