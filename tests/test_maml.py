@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot.acdc import GROUPED_SCOPES, SCOPES
+from fewshot.acdc.layer import CoefficientCorners
 from fewshot.data.episode import Episode
 from fewshot.learners.maml import MAML
 from tests.helpers import TinyNet, make_episode
@@ -211,6 +213,25 @@ def test_acdc_meta_gradient_matches_higher(first_order: bool, scope: str, kw: di
     episodes = [make_episode(seed=s) for s in range(2)]
     ours = meta_gradients(learner, episodes)
     ref = higher_meta_gradients(learner, episodes, first_order)
+    for name in ours:
+        assert (ours[name] - ref[name]).abs().max().item() <= 1e-10, name
+
+
+@pytest.mark.parametrize("vectorize", ["off", "all"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_acdc_meta_gradient_matches_higher_with_cut_corners(
+    monkeypatch: pytest.MonkeyPatch, scope: str, first_order: bool, vectorize: str
+) -> None:
+    """Every scope with its coefficients cut into corners whatever their size (CoefficientCorners),
+    including the full-size gradient summed into in place (first order, task by task)."""
+    monkeypatch.setattr(CoefficientCorners, "min_elements", 0)
+    kw = {"group_size": 4} if scope in GROUPED_SCOPES else {}
+    learner = make_learner(acdc_tiny(scope, **kw), first_order=first_order, vectorize=vectorize)
+    episodes = [make_episode(seed=s) for s in range(2)]
+    ours = meta_gradients(learner, episodes)
+    ref = higher_meta_gradients(learner, episodes, first_order)
+    assert ours.keys() == ref.keys()
     for name in ours:
         assert (ours[name] - ref[name]).abs().max().item() <= 1e-10, name
 
