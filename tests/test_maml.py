@@ -378,3 +378,41 @@ def test_backward_batch_equals_backward_of_batch_loss(first_order: bool, vectori
     assert all(torch.equal(a, b.detach()) for a, b in zip(logits, expected_logits))
     for name, p in learner.named_parameters():
         assert (p.grad - reference[name]).abs().max().item() <= 1e-12, name
+
+
+def test_first_order_gradients_outside_a_transform_equal_torch_func_grad_bit_for_bit() -> None:
+    from fewshot.learners.maml import _constant_gradient
+
+    learner = make_learner(acdc_tiny())
+    episode = make_episode(seed=4)
+    weights = {**learner.model_parameters(), "unused": torch.ones(3, dtype=torch.float64)}
+
+    def loss_of(w: dict[str, torch.Tensor]) -> torch.Tensor:
+        used = {n: t for n, t in w.items() if n != "unused"}
+        return F.cross_entropy(learner._forward(used, episode.support_images), episode.support_labels)
+
+    with torch.no_grad():
+        ours = _constant_gradient(loss_of, weights)
+    reference = torch.func.grad(loss_of)(weights)
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[n], reference[n]) and not ours[n].requires_grad for n in ours)
+    assert torch.equal(ours["unused"], torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("first_order", "copies"), [(True, 0), (False, 3)])
+def test_first_order_inner_steps_sum_the_coefficient_gradient_without_copying_it(
+    monkeypatch: pytest.MonkeyPatch, first_order: bool, copies: int
+) -> None:
+    """Task by task, a first-order inner step's gradient of the cut coefficients is an ordinary tensor
+    that the full-size reader's product owns: summed into, not copied (second order: one copy a step)."""
+    from tests.test_acdc_corners import FullSizeCopies
+
+    monkeypatch.setattr(CoefficientCorners, "min_elements", 0)
+    learner = make_learner(acdc_tiny(), first_order=first_order)
+    episode = make_episode(seed=6)
+    params = learner.model_parameters()
+    (name,) = [n for n in params if n.endswith(".coefficients")]
+    learner._forward(params, episode.support_images)  # registers every corner: the steps below cut
+    with FullSizeCopies(params[name].shape) as counted:
+        learner.adapt_to_support(params, episode.support_images, episode.support_labels, 3, 0.1, first_order)
+    assert counted.count == copies

@@ -223,8 +223,9 @@ class MAML(Learner):
     ) -> dict[str, Tensor]:
         """Run ``steps`` SGD steps on the support loss; returns the full parameter dictionary.
 
-        Gradients come from ``torch.func.grad``, so the function also runs under ``torch.func.vmap``
-        (one task per batch entry). Second order by default: the result stays differentiable to
+        Gradients come from ``torch.func.grad`` (first order outside a transform: plain autograd, the same
+        values, :func:`_constant_gradient`), so the function also runs under ``torch.func.vmap`` (one task
+        per batch entry). Second order by default: the result stays differentiable to
         ``params``; with ``first_order`` the inner gradients are constants (FOMAML).
         ``learned_lrs`` (keyed like ``inner_lrs``) replace ``lr`` with a step size per tensor and step;
         steps beyond the learned ones use the last learned step size.
@@ -260,8 +261,8 @@ class MAML(Learner):
         current = fast
         learned_terms: dict[str, list[Tensor]] = {n: [] for n in fast}
         for step in range(steps):
-            with torch.no_grad():  # torch.func.grad still differentiates the support loss inside
-                grads = torch.func.grad(support_loss)(current)
+            with torch.no_grad():  # (the gradient is taken inside, with grad mode on)
+                grads = _constant_gradient(support_loss, current)
                 step_sizes = {n: lr if learned_lrs is None else _learned_rate(learned_lrs, n, step) for n in current}
                 current = {n: w - step_sizes[n] * grads[n] for n, w in current.items()}
             if learned_lrs is not None:
@@ -332,7 +333,7 @@ class MAML(Learner):
         """Query logits after the test-time inner loop; builds no graph to the meta-parameters."""
         params = {n: p.detach() for n, p in self.model_parameters().items()}
         tensors = (episode.support_images, episode.support_labels, episode.query_images)
-        with torch.no_grad():  # torch.func.grad still differentiates the inner loop inside
+        with torch.no_grad():  # the inner loop still takes its gradients inside, with grad mode on
             return self._task(params, tensors, training=False)
 
     def batch_loss(self, episodes: Sequence[Episode]) -> tuple[Tensor, list[Tensor]]:
@@ -387,6 +388,22 @@ class MAML(Learner):
         second_order = training and not self.first_order
         with _CompositeBatchNorm() if second_order else nullcontext():
             return torch.func.vmap(task, in_dims=(None, 0, 0, 0), randomness="different")(params, *stacked)
+
+
+def _constant_gradient(loss_of, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The gradient of ``loss_of(weights)`` as constants (no graph to ``weights``), for first-order steps.
+
+    Inside a ``torch.func`` transform (``vmap`` of tasks) by ``torch.func.grad``; outside, the same
+    derivative by plain autograd on detached copies, whose gradients are ordinary tensors: ACDC layers then
+    sum their shared coefficients' gradient in place (``fewshot/acdc/layer.py``, ``_ProductOperand``),
+    which they cannot do with ``torch.func``'s wrapped ones (``benchmarks/maml_step.py``)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return torch.func.grad(loss_of)(weights)
+    leaves = {n: w.detach().requires_grad_() for n, w in weights.items()}
+    with torch.enable_grad():
+        loss = loss_of(leaves)
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
+    return dict(zip(leaves, grads))
 
 
 def _learned_rate(learned_lrs: dict[str, Tensor], name: str, step: int) -> Tensor:
