@@ -380,22 +380,33 @@ def test_backward_batch_equals_backward_of_batch_loss(first_order: bool, vectori
         assert (p.grad - reference[name]).abs().max().item() <= 1e-12, name
 
 
-def test_first_order_gradients_outside_a_transform_equal_torch_func_grad_bit_for_bit() -> None:
-    from fewshot.learners.maml import _constant_gradient
+@pytest.mark.parametrize("order", ["first", "second"])
+def test_inner_gradients_outside_a_transform_equal_torch_func_grad_bit_for_bit(order: str) -> None:
+    """Plain autograd outside torch.func (what lets ACDC sum in place): the values of torch.func.grad, and
+    in second order its derivatives too; a weight the loss does not use gets zeros, as there."""
+    from fewshot.learners.maml import _constant_gradient, _differentiable_gradient
 
     learner = make_learner(acdc_tiny())
     episode = make_episode(seed=4)
-    weights = {**learner.model_parameters(), "unused": torch.ones(3, dtype=torch.float64)}
+    weights = {**learner.model_parameters(), "unused": torch.ones(3, dtype=torch.float64, requires_grad=True)}
 
     def loss_of(w: dict[str, torch.Tensor]) -> torch.Tensor:
         used = {n: t for n, t in w.items() if n != "unused"}
         return F.cross_entropy(learner._forward(used, episode.support_images), episode.support_labels)
 
-    with torch.no_grad():
-        ours = _constant_gradient(loss_of, weights)
     reference = torch.func.grad(loss_of)(weights)
+    if order == "first":
+        with torch.no_grad():
+            ours = _constant_gradient(loss_of, weights)
+        assert not any(g.requires_grad for g in ours.values())
+    else:
+        ours = _differentiable_gradient(loss_of, weights)
+        params = list(learner.model_parameters().values())
+        second = torch.autograd.grad(sum(g.square().sum() for g in ours.values()), params)
+        expected = torch.autograd.grad(sum(g.square().sum() for g in reference.values()), params)
+        assert all(torch.equal(a, b) for a, b in zip(second, expected))
     assert ours.keys() == reference.keys()
-    assert all(torch.equal(ours[n], reference[n]) and not ours[n].requires_grad for n in ours)
+    assert all(torch.equal(ours[n], reference[n]) for n in ours)
     assert torch.equal(ours["unused"], torch.zeros(3, dtype=torch.float64))
 
 

@@ -223,9 +223,9 @@ class MAML(Learner):
     ) -> dict[str, Tensor]:
         """Run ``steps`` SGD steps on the support loss; returns the full parameter dictionary.
 
-        Gradients come from ``torch.func.grad`` (first order outside a transform: plain autograd, the same
-        values, :func:`_constant_gradient`), so the function also runs under ``torch.func.vmap`` (one task
-        per batch entry). Second order by default: the result stays differentiable to
+        Gradients come from ``torch.func.grad`` inside a ``torch.func`` transform, so the function also runs
+        under ``torch.func.vmap`` (one task per batch entry), and from plain autograd outside one, with the
+        same values (:func:`_constant_gradient`, :func:`_differentiable_gradient`). Second order by default: the result stays differentiable to
         ``params``; with ``first_order`` the inner gradients are constants (FOMAML).
         ``learned_lrs`` (keyed like ``inner_lrs``) replace ``lr`` with a step size per tensor and step;
         steps beyond the learned ones use the last learned step size.
@@ -240,7 +240,7 @@ class MAML(Learner):
         if first_order:
             return {**frozen, **self._first_order_steps(support_loss, fast, steps, lr, learned_lrs)}
         for step in range(steps):
-            grads = torch.func.grad(support_loss)(fast)
+            grads = _differentiable_gradient(support_loss, fast)
             fast = {
                 n: w - (lr if learned_lrs is None else _learned_rate(learned_lrs, n, step)) * grads[n]
                 for n, w in fast.items()
@@ -404,6 +404,23 @@ def _constant_gradient(loss_of, weights: dict[str, Tensor]) -> dict[str, Tensor]
         loss = loss_of(leaves)
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
     return dict(zip(leaves, grads))
+
+
+def _differentiable_gradient(loss_of, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The gradient of ``loss_of(weights)``, itself differentiable to ``weights`` (second-order steps).
+
+    By plain autograd (``create_graph``) where every weight takes part in autograd, as
+    :func:`_constant_gradient` explains; by ``torch.func.grad`` inside a transform or otherwise."""
+    if (
+        torch._C._functorch.peek_interpreter_stack() is not None
+        or not torch.is_grad_enabled()
+        or not all(w.requires_grad for w in weights.values())
+    ):
+        return torch.func.grad(loss_of)(weights)
+    grads = torch.autograd.grad(
+        loss_of(weights), list(weights.values()), create_graph=True, allow_unused=True, materialize_grads=True
+    )
+    return dict(zip(weights, grads))
 
 
 def _learned_rate(learned_lrs: dict[str, Tensor], name: str, step: int) -> Tensor:
