@@ -271,15 +271,15 @@ def test_two_stage_gradients_equal_kernel_path_to_second_order(c_in, c_out, kern
 def test_two_stage_chosen_for_small_batches_of_deep_layers():
     conv = ACDCConv2d(512, 512, 3, atoms=8, padding=1, bias=False)
     small, large = torch.zeros(5, 512, 3, 3), torch.zeros(80, 512, 3, 3)
-    assert conv.prefers_two_stage(small, conv.padding)  # 4 * 45 * 8 = 1440 <= 512 * 9
-    assert not conv.prefers_two_stage(large, conv.padding)  # 4 * 720 * 8 = 23040 > 4608
-    assert not conv.prefers_two_stage(torch.zeros(25, 512, 3, 3), conv.padding)  # 4 * 225 * 8 = 7200 > 4608
+    assert conv.prefers_two_stage(small, conv.padding)  # 2 * 45 * 8 = 720 <= 512 * 9
+    assert not conv.prefers_two_stage(large, conv.padding)  # 2 * 720 * 8 = 11520 > 4608
+    assert conv.prefers_two_stage(torch.zeros(25, 512, 3, 3), conv.padding)  # 2 * 225 * 8 = 3600 <= 4608
     early = ACDCConv2d(64, 64, 3, atoms=8, padding=1, bias=False)
-    assert not early.prefers_two_stage(torch.zeros(5, 64, 21, 21), early.padding)  # 4 * 2205 * 8 > 576
+    assert not early.prefers_two_stage(torch.zeros(5, 64, 21, 21), early.padding)  # 2 * 2205 * 8 > 576
     middle = ACDCConv2d(256, 256, 3, atoms=8, padding=1, bias=False)
-    assert not middle.prefers_two_stage(torch.zeros(5, 256, 6, 6), middle.padding)  # 4 * 180 * 8 = 5760 > 2304
+    assert not middle.prefers_two_stage(torch.zeros(5, 256, 6, 6), middle.padding)  # 2 * 180 * 8 = 2880 > 2304
     strided = ACDCConv2d(256, 512, 3, atoms=8, padding=1, stride=2)
-    assert strided.prefers_two_stage(torch.zeros(5, 256, 6, 6), strided.padding)  # 3x3 outputs: 4 * 45 * 8
+    assert strided.prefers_two_stage(torch.zeros(5, 256, 6, 6), strided.padding)  # 3x3 outputs: 2 * 45 * 8
     grouped = ACDCConv2d(8, 8, 3, atoms=2, group_size=4, padding=1)
     assert not grouped.prefers_two_stage(torch.zeros(1, 8, 1, 1), grouped.padding)
 
@@ -307,7 +307,7 @@ def test_evaluation_setting_is_checked():
 
 def test_auto_builds_the_kernel_under_vmap():
     conv = ACDCConv2d(16, 16, 3, atoms=2, padding=1, atom_drop=0.0)
-    x = torch.zeros(1, 16, 2, 2)  # 4 * 4 * 2 <= 16 * 9: two-stage when called directly
+    x = torch.zeros(1, 16, 2, 2)  # 2 * 4 * 2 <= 16 * 9: two-stage when called directly
     assert conv.prefers_two_stage(x, conv.padding)
     choices: list[bool] = []
 

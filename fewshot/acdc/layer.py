@@ -684,13 +684,14 @@ class ACDCConv2d(nn.Module):
         products on the unfolded input, :meth:`_two_stage`).
 
         Both evaluations are exact. The two-stage one materializes ``N·H_out·W_out·c_in·m`` intermediate
-        values instead of the ``c_out·c_in·kh·kw`` kernel; it is taken when that is at most a quarter of
-        the kernel: the deepest layers on small batches (a MAML support set), where building and
+        values instead of the ``c_out·c_in·kh·kw`` kernel; it is taken when that is at most half the
+        kernel: the deepest layers on small batches (a MAML support set), where building and
         differentiating the kernel costs more than the convolution itself. Measured per layer
-        (``python benchmarks/acdc_overhead.py --per-layer``): at 0.078 of the kernel (ResNet's last stage
-        at batch 5) the two-stage form wins, at 0.391 (that stage at batch 25) and 0.625 (the third stage
-        at batch 5) the kernel form does. Plain layers only, and not under ``torch.func.vmap`` (not
-        measured there).
+        (``python benchmarks/acdc_overhead.py --per-layer``, 2026-12-04, against dense): at 0.078 of the
+        kernel (ResNet's last stage at batch 5) two-stage 0.93x and 1.13x against kernel 1.35x and 1.66x;
+        at 0.391 (that stage at batch 25) 0.90x and 1.16x against 1.19x and 1.26x; at 0.625 (the third
+        stage at batch 5) the kernel form wins, 1.27x and 1.28x against 1.42x and 1.54x. Plain layers only,
+        and not under ``torch.func.vmap`` (not measured there).
         """
         if self.grouped or x.dim() != 4 or self.evaluation == "kernel":
             return False
@@ -701,7 +702,7 @@ class ACDCConv2d(nn.Module):
         kh, kw = self.kernel_size
         h_out, w_out = _output_size(x.shape[-2:], padding, self.kernel_size, self.stride, self.dilation)
         positions = x.shape[0] * h_out * w_out
-        return 4 * positions * self.num_atoms <= self.out_channels * kh * kw
+        return 2 * positions * self.num_atoms <= self.out_channels * kh * kw
 
     def _two_stage(self, x: Tensor, mask: Tensor | None, bias: Tensor | None, padding: _PaddingArg) -> Tensor:
         """``y = A · (D ⊛ x)`` as two matrix products on the unfolded input, without building ``K``."""
