@@ -94,11 +94,8 @@ def _summable(grad: Tensor) -> bool:
     )
 
 
-class _ProductOperand(torch.autograd.Function):
-    """The identity on a full-size corner that a layer multiplies (and on nothing else). Its output is
-    private to the layer, whose matrix product gives it a fresh gradient: backward marks that gradient as
-    the sole reference (:data:`_SUMMABLE`) so that :class:`_CutCorners` sums into it instead of copying
-    it. Should autograd first add another reader's gradient to it out of place, the sum is unmarked."""
+class _GradientOnly(torch.autograd.Function):
+    """The identity (a view of its input); subclasses act on the gradient in their backward only."""
 
     generate_vmap_rule = True
 
@@ -109,6 +106,13 @@ class _ProductOperand(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
         pass
+
+
+class _ProductOperand(_GradientOnly):
+    """The identity on a full-size corner that a layer multiplies (and on nothing else). Its output is
+    private to the layer, whose matrix product gives it a fresh gradient: backward marks that gradient as
+    the sole reference (:data:`_SUMMABLE`) so that :class:`_CutCorners` sums into it instead of copying
+    it. Should autograd first add another reader's gradient to it out of place, the sum is unmarked."""
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
@@ -368,18 +372,8 @@ def init_atoms_(atoms: Tensor) -> Tensor:
     return atoms
 
 
-class _ContiguousGrad(torch.autograd.Function):
+class _ContiguousGrad(_GradientOnly):
     """The identity whose backward makes the incoming gradient contiguous (vmap- and twice-differentiable)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        pass
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:

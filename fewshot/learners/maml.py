@@ -225,8 +225,9 @@ class MAML(Learner):
 
         Gradients come from ``torch.func.grad`` inside a ``torch.func`` transform, so the function also runs
         under ``torch.func.vmap`` (one task per batch entry), and from plain autograd outside one, with the
-        same values (:func:`_constant_gradient`, :func:`_differentiable_gradient`). Second order by default: the result stays differentiable to
-        ``params``; with ``first_order`` the inner gradients are constants (FOMAML).
+        same values (:func:`_constant_gradient`, :func:`_differentiable_gradient`). Second order by
+        default: the result stays differentiable to ``params``; with ``first_order`` the inner gradients
+        are constants (FOMAML).
         ``learned_lrs`` (keyed like ``inner_lrs``) replace ``lr`` with a step size per tensor and step;
         steps beyond the learned ones use the last learned step size.
         """
