@@ -149,7 +149,7 @@ class _CutCorners(torch.autograd.Function):
         for (rows, cols), g in zip(ctx.shapes, grads):  # largest first
             if g is None:
                 continue
-            owned = g.__dict__.pop(_SUMMABLE, False) and _summable(g)
+            owned = g.__dict__.pop(_SUMMABLE, False)  # (marked only where _summable(g) held)
             padding = (0, 0, 0, cols_full - cols, 0, rows_full - rows)
             if total is None:  # the largest gradient present, padded to full size, becomes the sum
                 if (rows, cols) == ctx.full:

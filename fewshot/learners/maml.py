@@ -225,9 +225,8 @@ class MAML(Learner):
 
         Gradients come from ``torch.func.grad`` inside a ``torch.func`` transform, so the function also runs
         under ``torch.func.vmap`` (one task per batch entry), and from plain autograd outside one, with the
-        same values (:func:`_constant_gradient`, :func:`_differentiable_gradient`). Second order by
-        default: the result stays differentiable to ``params``; with ``first_order`` the inner gradients
-        are constants (FOMAML).
+        same values (:func:`_inner_gradient`). Second order by default: the result stays differentiable to
+        ``params``; with ``first_order`` the inner gradients are constants (FOMAML).
         ``learned_lrs`` (keyed like ``inner_lrs``) replace ``lr`` with a step size per tensor and step;
         steps beyond the learned ones use the last learned step size.
         """
@@ -241,7 +240,7 @@ class MAML(Learner):
         if first_order:
             return {**frozen, **self._first_order_steps(support_loss, fast, steps, lr, learned_lrs)}
         for step in range(steps):
-            grads = _differentiable_gradient(support_loss, fast)
+            grads = _inner_gradient(support_loss, fast, differentiable=True)
             fast = {
                 n: w - (lr if learned_lrs is None else _learned_rate(learned_lrs, n, step)) * grads[n]
                 for n, w in fast.items()
@@ -263,7 +262,7 @@ class MAML(Learner):
         learned_terms: dict[str, list[Tensor]] = {n: [] for n in fast}
         for step in range(steps):
             with torch.no_grad():  # (the gradient is taken inside, with grad mode on)
-                grads = _constant_gradient(support_loss, current)
+                grads = _inner_gradient(support_loss, current, differentiable=False)
                 step_sizes = {n: lr if learned_lrs is None else _learned_rate(learned_lrs, n, step) for n in current}
                 current = {n: w - step_sizes[n] * grads[n] for n, w in current.items()}
             if learned_lrs is not None:
@@ -391,37 +390,27 @@ class MAML(Learner):
             return torch.func.vmap(task, in_dims=(None, 0, 0, 0), randomness="different")(params, *stacked)
 
 
-def _constant_gradient(loss_of, weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The gradient of ``loss_of(weights)`` as constants (no graph to ``weights``), for first-order steps.
+def _inner_gradient(loss_of, weights: dict[str, Tensor], *, differentiable: bool) -> dict[str, Tensor]:
+    """The gradient of ``loss_of(weights)``: differentiable to ``weights`` (second-order steps) or as
+    constants with no graph to them (first-order steps).
 
     Inside a ``torch.func`` transform (``vmap`` of tasks) by ``torch.func.grad``; outside, the same
-    derivative by plain autograd on detached copies, whose gradients are ordinary tensors: ACDC layers then
-    sum their shared coefficients' gradient in place (``fewshot/acdc/layer.py``, ``_ProductOperand``),
-    which they cannot do with ``torch.func``'s wrapped ones (``benchmarks/maml_step.py``)."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return torch.func.grad(loss_of)(weights)
-    leaves = {n: w.detach().requires_grad_() for n, w in weights.items()}
-    with torch.enable_grad():
-        loss = loss_of(leaves)
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
-    return dict(zip(leaves, grads))
-
-
-def _differentiable_gradient(loss_of, weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The gradient of ``loss_of(weights)``, itself differentiable to ``weights`` (second-order steps).
-
-    By plain autograd (``create_graph``) where every weight takes part in autograd, as
-    :func:`_constant_gradient` explains; by ``torch.func.grad`` inside a transform or otherwise."""
-    if (
-        torch._C._functorch.peek_interpreter_stack() is not None
-        or not torch.is_grad_enabled()
-        or not all(w.requires_grad for w in weights.values())
+    values by plain autograd (on detached copies for constants), whose gradients are ordinary tensors: ACDC
+    layers then sum their shared coefficients' gradient in place (``fewshot/acdc/layer.py``,
+    ``_ProductOperand``), which they cannot do with ``torch.func``'s wrapped ones, and the inner loop
+    leaves less behind (``benchmarks/maml_step.py``). A differentiable gradient also takes
+    ``torch.func.grad`` where some weight is outside autograd (grad mode off, or not requiring grad)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None or (
+        differentiable and not (torch.is_grad_enabled() and all(w.requires_grad for w in weights.values()))
     ):
         return torch.func.grad(loss_of)(weights)
+    leaves = weights if differentiable else {n: w.detach().requires_grad_() for n, w in weights.items()}
+    with torch.enable_grad():
+        loss = loss_of(leaves)
     grads = torch.autograd.grad(
-        loss_of(weights), list(weights.values()), create_graph=True, allow_unused=True, materialize_grads=True
+        loss, list(leaves.values()), create_graph=differentiable, allow_unused=True, materialize_grads=True
     )
-    return dict(zip(weights, grads))
+    return dict(zip(leaves, grads))
 
 
 def _learned_rate(learned_lrs: dict[str, Tensor], name: str, step: int) -> Tensor:
