@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""The narrow product that builds an ACDC kernel, ``(R x m) @ (m x 9)``, forward and backward: plain,
-against two rows at a time on a block-diagonal pair of the small matrix (``fewshot.acdc.layer``).
+"""The narrow product that builds an ACDC kernel, ``(R x m) @ (m x 9)``, forward and backward: plain (what
+``fewshot.acdc.layer`` runs), against two rows at a time on a block-diagonal pair of the small matrix.
 
 ``R`` is ``c_out * c_in`` of a conv (the kernel form) or the unfolded positions times input channels (the
-two-stage form); ``m`` the atoms. The pairs trick runs BLAS's k-wide product better for tall products and
-costs a ``block_diag`` and two reshapes, which dominate for short ones: ``PAIRED_MIN_ROWS`` is where it
-starts to pay. Each size is timed both ways, interleaved over rounds of ``--calls`` calls.
+two-stage form); ``m`` the atoms. The pairs trick was meant to run BLAS's k-wide product better for tall
+products, at the cost of a ``block_diag`` and two reshapes; the layers used it from 2,048 rows on until
+this benchmark, rerun on a quiet machine, found it slower at every size (its first run, which found it
+faster from 4,096 rows on, was taken under a load average of 1.95 on 2 cores). Each size is timed both
+ways, interleaved over rounds of ``--calls`` calls.
 
     python benchmarks/tall_matmul.py
 
@@ -28,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from fewshot.acdc.layer import PAIRED_MIN_ROWS, paired_matmul  # noqa: E402
 from fewshot.config import cli_main  # noqa: E402
 
 
@@ -48,6 +49,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if any(r < 2 or r % 2 for r in args.rows):
         raise ValueError(f"--rows must be even numbers >= 2 (the pairs need them), got {args.rows}")
     return args
+
+
+def paired_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``rows @ weight`` (``R`` even) two rows at a time against ``weight`` twice on a block diagonal."""
+    r, k = rows.shape
+    return (rows.reshape(r // 2, 2 * k) @ torch.block_diag(weight, weight)).view(r, weight.shape[1])
 
 
 def contenders(rows: int, args: argparse.Namespace) -> dict[str, Callable[[], None]]:
@@ -96,7 +103,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": common.command_line("tall_matmul", argv),
         "machine": common.machine(device),
         "settings": {"atoms": args.atoms, "cols": args.cols, "rounds": args.rounds, "calls": args.calls},
-        "paired_min_rows": PAIRED_MIN_ROWS,
         "rows": sizes,
         "notes": "ratio = median over rounds of (pairs / plain) for (R x atoms) @ (atoms x cols), forward and "
         "backward to both inputs; < 1: the pairs are faster.",

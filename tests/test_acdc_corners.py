@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.acdc import ACDCConv2d, SharedCoefficients
-from fewshot.acdc.layer import PAIRED_MIN_ROWS, CoefficientCorners, paired_matmul, tall_matmul
+from fewshot.acdc.layer import CoefficientCorners
 
 
 class PlainSlices(CoefficientCorners):
@@ -265,22 +265,6 @@ def test_expand_registers_every_conv_with_its_new_owner() -> None:
     out = model(torch.randn(2, 3, 16, 16))
     with_corners = sum(1 for convs in owners.values() if len(convs[0].shared.corners.shapes) > 1)
     assert cut_nodes(out) == with_corners  # registered: cut from the first pass on
-
-
-@pytest.mark.parametrize("rows", [6, 7, PAIRED_MIN_ROWS - 2, PAIRED_MIN_ROWS, PAIRED_MIN_ROWS + 1])
-def test_tall_matmul_equals_the_plain_product_in_both_forms(rows: int) -> None:
-    g = torch.Generator().manual_seed(rows)
-    a = torch.randn(rows, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(5, 9, dtype=torch.float64, generator=g, requires_grad=True)
-    grad = torch.randn(rows, 9, dtype=torch.float64, generator=g)
-    ours, plain = tall_matmul(a, w), a @ w
-    assert torch.allclose(ours, plain, atol=1e-12)
-    assert torch.allclose(paired_matmul(a[: rows - rows % 2], w), plain[: rows - rows % 2], atol=1e-12)
-    pairs = any("BlockDiag" in type(n).__name__ for n in _graph_nodes(ours))
-    assert pairs == (rows % 2 == 0 and rows >= PAIRED_MIN_ROWS)
-    got = torch.autograd.grad(ours, (a, w), grad)
-    want = torch.autograd.grad(plain, (a, w), grad)
-    assert all(torch.allclose(x, y, atol=1e-10) for x, y in zip(got, want))
 
 
 def _graph_nodes(output: torch.Tensor) -> list:

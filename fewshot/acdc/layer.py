@@ -380,30 +380,6 @@ class _ContiguousGrad(_GradientOnly):
         return grad.contiguous()
 
 
-# From this many rows on, tall_matmul takes them in pairs; below, the block_diag and reshapes cost more
-# than the pairs save (python benchmarks/tall_matmul.py, m = 16 atoms by 9: pairs/plain 2.05 at 32 rows,
-# 1.40 at 1,024, 1.07 at 2,048, 0.89 at 4,096, 0.59-0.73 from 16,384).
-PAIRED_MIN_ROWS = 2048
-
-
-def paired_matmul(rows: Tensor, weight: Tensor) -> Tensor:
-    """``rows @ weight`` (``R x k`` by ``k x j``, ``R`` even) taken two rows at a time against ``weight``
-    twice on a block diagonal, ``(R/2 x 2k) @ (2k x 2j)``: the same values with twice the (tiny)
-    arithmetic, and faster forward and backward on CPU for a tall ``rows`` and a small ``weight`` (both a
-    few to a few dozen wide), where BLAS runs the k-wide product poorly (pairs beat groups of 4 or 8)."""
-    r, k = rows.shape
-    return (rows.reshape(r // 2, 2 * k) @ torch.block_diag(weight, weight)).view(r, weight.shape[1])
-
-
-def tall_matmul(rows: Tensor, weight: Tensor) -> Tensor:
-    """``rows @ weight``, as :func:`paired_matmul` where ``rows`` is tall enough for that to pay
-    (``PAIRED_MIN_ROWS``, an even count) and as one product otherwise. The kernel form's cost at ResNet
-    shapes: ``python benchmarks/acdc_overhead.py --per-layer``."""
-    if rows.shape[0] % 2 or rows.shape[0] < PAIRED_MIN_ROWS:
-        return rows @ weight
-    return paired_matmul(rows, weight)
-
-
 def _checked_padding(padding: _PaddingArg, stride: tuple[int, int]) -> _PaddingArg:
     """``padding`` as ``nn.Conv2d`` takes it ('same', 'valid' or a pair of ints >= 0), else a ValueError."""
     if isinstance(padding, str):
@@ -648,9 +624,11 @@ class ACDCConv2d(nn.Module):
         d = self.atoms if atom_mask is None else self.atoms * atom_mask[..., None, None]
         a = self._coefficient_operand()
         if self.group_size is None:
-            # K as a (c_out*c_in, m) @ (m, kh*kw) product: the (o, i, h, w) layout the conv wants.
+            # K as a (c_out*c_in, m) @ (m, kh*kw) product: the (o, i, h, w) layout the conv wants. (One
+            # product: two rows at a time on a block-diagonal pair of atoms was no faster in a network,
+            # benchmarks/tall_matmul.py.)
             m = d.shape[0]
-            rebuilt = tall_matmul(a.reshape(-1, m), d.reshape(m, -1))
+            rebuilt = a.reshape(-1, m) @ d.reshape(m, -1)
             return rebuilt.view(a.shape[0], a.shape[1], *self.kernel_size)
         # The einsum alone hands back a permuted gradient for the atoms; learn2learn's GBML, for one,
         # calls .view on parameter gradients, so they are made contiguous (an identity forward).
@@ -714,7 +692,7 @@ class ACDCConv2d(nn.Module):
         cols = cols.view(n, c, taps, h_out * w_out).permute(1, 0, 3, 2).reshape(c * positions, taps)
         d = self.atoms if mask is None else self.atoms * mask[:, None, None]
         d = _ContiguousGrad.apply(d).reshape(m, taps).t()  # (a transposed view: its gradient made contiguous)
-        z = tall_matmul(cols, d)  # every input channel at every position with each atom
+        z = cols @ d  # every input channel at every position with each atom
         z = z.view(c, positions, m).transpose(1, 2).reshape(c * m, positions)  # rows i*m + k
         a = self._coefficient_operand().reshape(self.out_channels, c * m)  # [o, i*m + k] = A[o, i, k]
         y = a @ z if bias is None else torch.addmm(bias.unsqueeze(1), a, z)  # (c_out, N*L)
