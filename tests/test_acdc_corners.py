@@ -14,10 +14,10 @@ from fewshot.acdc.layer import CoefficientCorners
 
 
 class PlainSlices(CoefficientCorners):
-    """The reference: every conv slices ``a[:rows, :cols]`` itself."""
+    """The reference: every conv slices ``a[:rows, :cols]`` itself (and multiplies it by plain autograd)."""
 
-    def corner(self, a: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-        return a[:rows, :cols]
+    def _take(self, a: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, None]:
+        return a[:rows, :cols], None
 
 
 class Stack(nn.Module):
@@ -96,7 +96,7 @@ def test_only_a_coefficient_tensor_of_min_elements_or_more_is_cut(
     assert cut_nodes(out) == int(cut)
     out.backward()
     grad = shared.coefficients.grad.clone()
-    shared.corners = PlainSlices()
+    half.shared.corners = whole.shared.corners = PlainSlices()
     shared.coefficients.grad = None
     whole(torch.relu(half(x))).square().sum().backward()
     assert torch.allclose(shared.coefficients.grad, grad, rtol=1e-5, atol=1e-6)
@@ -301,7 +301,6 @@ def test_the_layers_full_size_gradient_becomes_the_sum_without_a_copy(evaluation
     assert copies.count == 0  # no copy of the first full-size gradient, no self-copy of an in-place sum
     reference(X).square().sum().backward()
     assert (a.grad - coefficients(reference).grad).abs().max().item() <= 1e-12
-    assert not hasattr(a.grad, "_acdc_summable_gradient")  # the mark lives within one backward only
 
 
 @pytest.mark.parametrize("used", [False, True])
@@ -342,3 +341,65 @@ def test_a_gradient_with_a_graph_is_copied_not_summed_into() -> None:
     with FullSizeCopies(coefficients(model).shape) as copies:
         torch.autograd.grad(loss, params, create_graph=True)
     assert copies.count == 1
+
+
+class FreshFullSize(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that return a new tensor (storage none of their inputs has) of ``numel`` elements."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        if (
+            isinstance(out, torch.Tensor)
+            and out.numel() == self.numel
+            and out.untyped_storage().data_ptr() not in inputs
+        ):
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("evaluation", ["kernel", "two-stage"])
+def test_the_products_add_their_gradients_into_one_full_size_sum(evaluation: str) -> None:
+    """Two convs read all of A and four a corner as a matrix view of it: their products' backward writes
+    one full-size tensor, the sum (before: one per full-size reader, and a corner-size one per reader)."""
+    model, reference = stack(evaluation), stack(evaluation, plain=True)
+    a = coefficients(model)
+    model(X)  # registers every reader: the pass below cuts
+    out = model(X).square().sum()
+    with FreshFullSize(a.numel()) as fresh:
+        out.backward()
+    assert fresh.count == 1
+    reference(X).square().sum().backward()
+    assert (a.grad - coefficients(reference).grad).abs().max().item() <= 1e-12
+    (cut,) = model.convs[0].shared.corners._cut.values()
+    assert cut.sums == {}  # handed to A's gradient, not kept
+
+
+def test_a_backward_that_skips_the_coefficients_leaves_no_partial_sum() -> None:
+    """A backward to the input only runs the products but not the cut: nothing is added to a sum that a
+    later backward through the same graph would find; that one and a second (retain_graph) each get the
+    whole gradient; a hook on A sees it."""
+    model, reference = stack(), stack(plain=True)
+    model(X)
+    x = X.clone().requires_grad_()
+    out = model(x).square().sum()
+    (cut,) = model.convs[0].shared.corners._cut.values()
+    torch.autograd.grad(out, [x], retain_graph=True)
+    assert cut.sums == {}
+    seen = []
+    coefficients(model).register_hook(lambda g: seen.append(g.clone()))
+    out.backward(retain_graph=True)
+    out.backward()
+    reference(X).square().sum().backward()
+    want = coefficients(reference).grad
+    assert len(seen) == 2 and all((g - want).abs().max().item() <= 1e-12 for g in seen)
+    assert (coefficients(model).grad - 2 * want).abs().max().item() <= 1e-12
+    assert cut.sums == {}

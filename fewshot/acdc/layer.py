@@ -78,19 +78,13 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     return x if groups == 1 else F.channel_shuffle(x, groups)
 
 
-# The attribute by which :class:`_ProductOperand` tells :class:`_CutCorners` that a full-size gradient
-# is held by nobody else, so that it may become the gradient sum itself (set and removed within one backward).
-_SUMMABLE = "_acdc_summable_gradient"
-
-
 def _summable(grad: Tensor) -> bool:
-    """Whether a gradient this backward owns outright may be added into in place: no double backward
-    (grad mode off), a plain dense tensor (not a tensor subclass or a functorch wrapper), no overlap."""
+    """Whether a gradient may be added into a sum in place: no double backward (grad mode off), a plain
+    dense tensor (not a tensor subclass or a functorch wrapper)."""
     return (
         not torch.is_grad_enabled()
         and type(grad) is Tensor
         and not torch._C._functorch.is_functorch_wrapped_tensor(grad)
-        and grad.is_contiguous()
     )
 
 
@@ -108,60 +102,79 @@ class _GradientOnly(torch.autograd.Function):
         pass
 
 
-class _ProductOperand(_GradientOnly):
-    """The identity on a full-size corner that a layer multiplies (and on nothing else). Its output is
-    private to the layer, whose matrix product gives it a fresh gradient: backward marks that gradient as
-    the sole reference (:data:`_SUMMABLE`) so that :class:`_CutCorners` sums into it instead of copying
-    it. Should autograd first add another reader's gradient to it out of place, the sum is unmarked."""
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        if _summable(grad):
-            setattr(grad, _SUMMABLE, True)
-        return grad
-
-
 class _CutCorners(torch.autograd.Function):
     """The leading corners ``a[:rows, :cols]`` of ``shapes`` (largest first), cut at once: the full-size
-    one sharing ``a``'s storage, the others as contiguous copies. Backward sums their gradients into one
-    tensor of ``a``'s size, adding each in place at its own size: into the first full-size gradient
-    itself where :class:`_ProductOperand` marked it as held by nobody else, else into a copy of it."""
+    one sharing ``a``'s storage, the others as contiguous copies. Backward returns one tensor of ``a``'s
+    size: the sum that the layers' products added their gradients into during this backward
+    (``sums``, by graph task: :class:`_CornerProduct`), with the gradients that reached the corners
+    otherwise added in place at their own size."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(a: Tensor, shapes: tuple[tuple[int, int], ...]) -> tuple[Tensor, ...]:
+    def forward(a: Tensor, shapes: tuple[tuple[int, int], ...], sums: dict[int, Tensor]) -> tuple[Tensor, ...]:
         # The full-size one shares a's storage (and version counter) but is not a view of a: a view would
         # keep the tensor a itself alive from the cache that holds the corners, which is keyed by it.
         full = (a.shape[0], a.shape[1])
         return tuple(a.detach() if s == full else a[: s[0], : s[1]].clone() for s in shapes)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, tuple[tuple[int, int], ...]], output: Any) -> None:
-        a, shapes = inputs
+    def setup_context(ctx: Any, inputs: tuple[Tensor, tuple[tuple[int, int], ...], dict], output: Any) -> None:
+        a, shapes, sums = inputs
         ctx.shapes = shapes
+        ctx.sums = sums
         ctx.full = (a.shape[0], a.shape[1])
+        ctx.set_materialize_grads(False)  # a corner whose readers all added into the sum sends None
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, None]:
-        total: Tensor | None = None
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, None, None]:
+        total = ctx.sums.pop(torch._C._current_graph_task_id(), None)  # built by this backward: ours
         rows_full, cols_full = ctx.full
         for (rows, cols), g in zip(ctx.shapes, grads):  # largest first
             if g is None:
                 continue
-            owned = g.__dict__.pop(_SUMMABLE, False)  # (marked only where _summable(g) held)
             padding = (0, 0, 0, cols_full - cols, 0, rows_full - rows)
             if total is None:  # the largest gradient present, padded to full size, becomes the sum
-                if (rows, cols) == ctx.full:
-                    total = g if owned else g.clone()
-                else:
-                    total = F.pad(g, padding)
+                total = g.clone() if (rows, cols) == ctx.full else F.pad(g, padding)
                 continue
             try:
                 total[:rows, :cols].add_(g)  # (not `+=`, whose setitem copies the corner onto itself)
             except RuntimeError:  # under vmap, an unbatched sum cannot take a batched gradient in place
                 total = total + F.pad(g, padding)
-        return total, None
+        return total, None, None
+
+
+class _CornerProduct(torch.autograd.Function):
+    """``corner.reshape(shape) @ other`` for a corner that a :class:`_Cut` handed out. Where the
+    gradient may be summed in place (:func:`_summable`: not a double backward, not in a ``torch.func``
+    transform), backward adds the corner's gradient straight into the cut's full-size sum for this
+    backward (:meth:`_Cut.accumulate`) and sends the corner none: no corner-size gradient per layer
+    written and then added, no sum of several layers' gradients by autograd. Otherwise it returns the
+    corner's gradient, as ``corner.reshape(shape) @ other`` would."""
+
+    @staticmethod
+    def forward(corner: Tensor, other: Tensor, shape: tuple[int, int], cut: _Cut) -> Tensor:
+        return corner.reshape(shape) @ other
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, tuple[int, int], _Cut], output: Tensor) -> None:
+        corner, other, shape, cut = inputs
+        ctx.save_for_backward(corner, other)
+        ctx.shape = shape
+        ctx.cut = cut
+        ctx.cut_node = corner.grad_fn  # the cut's autograd node
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        corner, other = ctx.saved_tensors
+        grad_other = corner.reshape(ctx.shape).mT @ grad if ctx.needs_input_grad[1] else None
+        grad_corner = None
+        if ctx.needs_input_grad[0] and torch._C._will_engine_execute_node(ctx.cut_node):
+            if _summable(grad):
+                ctx.cut.accumulate(corner.shape, grad, other)
+            else:
+                grad_corner = (grad @ other.mT).view(corner.shape)
+        return grad_corner, grad_other, None, None
 
 
 class _Cut:
@@ -176,10 +189,12 @@ class _Cut:
 
     def __init__(self, a: Tensor, version: int, shapes: tuple[tuple[int, int], ...]) -> None:
         self.version = version
+        self.sums: dict[int, Tensor] = {}  # graph task id -> the gradient sum this backward builds
         self.waiting: dict[tuple[int, int], list[Tensor]] = {}
-        for shape, corner in zip(shapes, _CutCorners.apply(a, shapes)):
+        for shape, corner in zip(shapes, _CutCorners.apply(a, shapes, self.sums)):
             self.waiting.setdefault(shape, []).append(corner)
         self.taken: list[tuple[tuple[int, int], weakref.ref]] = []
+        self.shape = tuple(a.shape)  # of A, and of the gradient sums
 
     def usable(self, version: int) -> bool:
         """Still the same values, and the pass that took corners still holds them all."""
@@ -195,6 +210,21 @@ class _Cut:
         last = next(ref for taken_shape, ref in reversed(self.taken) if taken_shape == shape)
         return last(), True  # alive: usable() said so
 
+    def accumulate(self, corner_shape: torch.Size, grad: Tensor, other: Tensor) -> None:
+        """Add ``grad @ other.mT``, the gradient of a corner of ``corner_shape`` read as the matrix
+        ``grad.shape[0] x -1`` (:class:`_CornerProduct`; a matrix view of the sum), into this backward's
+        full-size sum: the first full-size corner's product becomes the sum, the others are added in place
+        as one matrix product each."""
+        task = torch._C._current_graph_task_id()
+        total = self.sums.get(task)
+        rows, cols = corner_shape[0], corner_shape[1]
+        if total is None:
+            if tuple(corner_shape) == self.shape:
+                self.sums[task] = (grad @ other.mT).view(corner_shape)
+                return
+            total = self.sums[task] = grad.new_zeros(self.shape)
+        total[:rows, :cols].view(grad.shape[0], -1).addmm_(grad, other.mT)  # (a matrix view: product())
+
 
 class CoefficientCorners:
     """The leading corners ``A[:rows, :cols]`` that the convs of one scope read, cut all at once per
@@ -203,8 +233,11 @@ class CoefficientCorners:
     Why: the backward of a slice ``A[:r, :c]`` fills a zero tensor of ``A``'s full size, and autograd then
     adds one such full-size gradient per conv into ``A``'s gradient, while each conv's kernel build copies
     its (non-contiguous) corner. Here one autograd node cuts every corner (contiguous copies; the full-size
-    one shares ``A``'s storage) and its backward adds each corner's gradient in place into one full-size
-    sum. Values and gradients are those of plain slicing (``tests/test_acdc_corners.py``).
+    one shares ``A``'s storage) and its backward returns one full-size sum of the corners' gradients: the
+    convs' products that read their corner as a matrix view of ``A`` (all of it, or ``A[:r, :c]`` as
+    ``r x c·m`` in the two-stage form) add their gradient into it as one in-place matrix product each
+    (:meth:`product`), the other corners' gradients are added in place at their own size. Values and
+    gradients are those of plain slicing (``tests/test_acdc_corners.py``).
 
     Each :class:`ACDCConv2d` registers the corner it reads when it is tied to the coefficients, so every
     forward pass cuts the same corners and sums their gradients in the same order (a resumed run repeats
@@ -242,38 +275,40 @@ class CoefficientCorners:
 
     def corner(self, a: Tensor, rows: int, cols: int) -> Tensor:
         """``a[:rows, :cols]`` (``a`` itself, or a tensor sharing its storage, when that is all of it)."""
-        corner, alias = self._take(a, rows, cols)
-        # Not the cut's own full-size alias, whose gradient may be summed into in place (_ProductOperand):
-        # a view of it, so that what callers do with their tensor (hooks included) stays theirs.
-        return corner.view_as(corner) if alias else corner
+        corner, cut = self._take(a, rows, cols)
+        # Not a cut's corner itself, which its layers' products may read too: a view of it, so that what
+        # callers do with their tensor (hooks included) stays theirs.
+        return corner if cut is None else corner.view_as(corner)
 
-    def operand(self, a: Tensor, rows: int, cols: int) -> Tensor:
-        """:meth:`corner`, for a layer that only multiplies it by another tensor and keeps nothing of it:
-        the full-size alias then gets its gradient summed into in place (:class:`_ProductOperand`).
-        Not inside a ``torch.func`` transform, whose gradients are never summed into (:func:`_summable`)
-        and where the extra autograd.Function costs time and memory (an MAML step of ResNet18 ACDC-net
-        under ``torch.func.grad``: 1,826 MiB against 1,255 MiB without it, ``benchmarks/maml_step.py``)."""
-        corner, alias = self._take(a, rows, cols)
-        if not alias or torch._C._functorch.peek_interpreter_stack() is not None:
-            return corner
-        return _ProductOperand.apply(corner)
+    def product(self, a: Tensor, rows: int, cols: int, shape: tuple[int, int], other: Tensor) -> Tensor:
+        """``a[:rows, :cols].reshape(shape) @ other``, the product by which a layer reads its corner: with a
+        cut corner (outside ``torch.func`` transforms), its backward adds the corner's gradient straight
+        into the sum of all corners' gradients (:class:`_CornerProduct`)."""
+        corner, cut = self._take(a, rows, cols)
+        # Through _CornerProduct only where the corner, read as that matrix, is a matrix view of the sum
+        # (its gradient one in-place product into the sum); a corner narrower than A read as rows of
+        # (row, col) pairs gains too little over autograd's own gradient for the cost of a Python node.
+        matrix_view = shape[0] == rows or cols == a.shape[1]
+        if cut is None or not matrix_view or torch._C._functorch.peek_interpreter_stack() is not None:
+            return corner.reshape(shape) @ other
+        return _CornerProduct.apply(corner, other, shape, cut)
 
-    def _take(self, a: Tensor, rows: int, cols: int) -> tuple[Tensor, bool]:
-        """``a[:rows, :cols]`` as :meth:`corner` explains, and whether it is a cut's full-size alias."""
+    def _take(self, a: Tensor, rows: int, cols: int) -> tuple[Tensor, _Cut | None]:
+        """``a[:rows, :cols]`` as :meth:`corner` explains, and the cut it came from (None: sliced)."""
         full = (a.shape[0], a.shape[1])
         shape = (rows, cols)
         sliced = a if shape == full else a[:rows, :cols]
         if shape not in self._readers:
             self.register(rows, cols)
-            return sliced, False
+            return sliced, None
         if a.numel() < self.min_elements or self._readers.keys() <= {full}:
-            return sliced, False  # too little to gain, or nothing to cut
+            return sliced, None  # too little to gain, or nothing to cut
         if not (a.requires_grad and torch.is_grad_enabled()) or a.is_inference():
-            return sliced, False  # no backward
+            return sliced, None  # no backward
         try:
             version = a._version
         except RuntimeError:  # a tensor without a version counter (some functorch wrappers)
-            return sliced, False
+            return sliced, None
         cut = self._cut.get(a)
         if cut is None or not cut.usable(version):
             fitting = [s for s in self._readers if s[0] <= full[0] and s[1] <= full[1]]
@@ -284,7 +319,7 @@ class CoefficientCorners:
         corner, again = cut.take(shape)
         if again and shape == full:  # one more conv reads all of A: the next cut gives it its own alias
             self._readers[full] += 1
-        return corner, shape == full
+        return corner, cut
 
     def __deepcopy__(self, memo: dict) -> CoefficientCorners:
         return CoefficientCorners(self._readers)
@@ -592,10 +627,10 @@ class ACDCConv2d(nn.Module):
         rows, cols = self.coefficient_shape
         return self.shared.corners.corner(self.shared(), rows, cols)
 
-    def _coefficient_operand(self) -> Tensor:
-        """:meth:`coefficient_view` for this layer's own products (:meth:`CoefficientCorners.operand`)."""
+    def _coefficient_product(self, shape: tuple[int, int], other: Tensor) -> Tensor:
+        """``coefficient_view().reshape(shape) @ other`` (:meth:`CoefficientCorners.product`)."""
         rows, cols = self.coefficient_shape
-        return self.shared.corners.operand(self.shared(), rows, cols)
+        return self.shared.corners.product(self.shared(), rows, cols, shape, other)
 
     # ---- kernel ---------------------------------------------------------------------------------
     def sample_atom_mask(self) -> Tensor | None:
@@ -622,14 +657,15 @@ class ACDCConv2d(nn.Module):
         ``atom_mask`` (shape ``atoms.shape[:-2]``) multiplies the atoms; None means no atom-drop.
         """
         d = self.atoms if atom_mask is None else self.atoms * atom_mask[..., None, None]
-        a = self._coefficient_operand()
+        rows, cols = self.coefficient_shape
         if self.group_size is None:
             # K as a (c_out*c_in, m) @ (m, kh*kw) product: the (o, i, h, w) layout the conv wants. (One
-            # product: two rows at a time on a block-diagonal pair of atoms was no faster in a network,
+            # product: two rows at a time on a block-diagonal pair of atoms is slower,
             # benchmarks/tall_matmul.py.)
             m = d.shape[0]
-            rebuilt = a.reshape(-1, m) @ d.reshape(m, -1)
-            return rebuilt.view(a.shape[0], a.shape[1], *self.kernel_size)
+            rebuilt = self._coefficient_product((rows * cols, m), d.reshape(m, -1))
+            return rebuilt.view(rows, cols, *self.kernel_size)
+        a = self.coefficient_view()
         # The einsum alone hands back a permuted gradient for the atoms; learn2learn's GBML, for one,
         # calls .view on parameter gradients, so they are made contiguous (an identity forward).
         w = torch.einsum("oik,gkhw->goihw", a, _ContiguousGrad.apply(d))
@@ -694,8 +730,9 @@ class ACDCConv2d(nn.Module):
         d = _ContiguousGrad.apply(d).reshape(m, taps).t()  # (a transposed view: its gradient made contiguous)
         z = cols @ d  # every input channel at every position with each atom
         z = z.view(c, positions, m).transpose(1, 2).reshape(c * m, positions)  # rows i*m + k
-        a = self._coefficient_operand().reshape(self.out_channels, c * m)  # [o, i*m + k] = A[o, i, k]
-        y = a @ z if bias is None else torch.addmm(bias.unsqueeze(1), a, z)  # (c_out, N*L)
+        y = self._coefficient_product((self.out_channels, c * m), z)  # A as [o, i*m + k]: (c_out, N*L)
+        if bias is not None:
+            y = y + bias.unsqueeze(1)
         return y.view(self.out_channels, n, h_out, w_out).transpose(0, 1).contiguous(memory_format=_layout_of(x))
 
     def extra_repr(self) -> str:

@@ -397,7 +397,7 @@ def _inner_gradient(loss_of, weights: dict[str, Tensor], *, differentiable: bool
     Inside a ``torch.func`` transform (``vmap`` of tasks) by ``torch.func.grad``; outside, the same
     values by plain autograd (on detached copies for constants), whose gradients are ordinary tensors: ACDC
     layers then sum their shared coefficients' gradient in place (``fewshot/acdc/layer.py``,
-    ``_ProductOperand``), which they cannot do with ``torch.func``'s wrapped ones, and the inner loop
+    ``_CornerProduct``), which they cannot do with ``torch.func``'s wrapped ones, and the inner loop
     leaves less behind (``benchmarks/maml_step.py``). A differentiable gradient also takes
     ``torch.func.grad`` where some weight is outside autograd (grad mode off, or not requiring grad)."""
     if torch._C._functorch.peek_interpreter_stack() is not None or (
