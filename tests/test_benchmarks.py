@@ -403,8 +403,35 @@ def test_acdc_overhead_per_layer_times_every_resnet_conv_shape(tmp_path: Path) -
     assert last["intermediate_over_kernel"] == pytest.approx(2 * 9 * 8 / (512 * 9), abs=1e-4)
     for row in rows:
         assert row["dense_ms"] > 0 and row["kernel_ratio"] > 0 and row["two-stage_ratio"] > 0
-        assert row["auto_runs_two_stage"] == (4 * row["intermediate_over_kernel"] <= 1 + 1e-9)
+        assert row["auto_runs_two_stage"] == (2 * row["intermediate_over_kernel"] <= 1 + 1e-9)
     assert "layers" not in acdc_overhead.main([*argv, "--threads", "1", "--out", str(tmp_path / "no.json")])
+
+
+def test_acdc_overhead_ab_runs_the_two_versions_in_turn_and_keeps_each_run(tmp_path: Path) -> None:
+    repo = BENCHMARKS.parent
+    if not (repo / ".git").exists():
+        pytest.skip("needs the git repository (the 'before' version comes from a worktree)")
+    script = ["bash", str(BENCHMARKS / "acdc_overhead_ab.sh")]
+    tiny = ["--backbones", "conv4", "--image-size", "16", "--batch", "2", "--rounds", "1", "--warmup", "0"]
+    worktrees = subprocess.run(["git", "-C", str(repo), "worktree", "list"], capture_output=True, text=True).stdout
+    out = tmp_path / "ab"
+    run = subprocess.run([*script, "HEAD", str(out), "2", *tiny], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["after_1.json", "after_2.json", "before_1.json", "before_2.json"]
+    order = [line.split()[:2] for line in run.stdout.splitlines() if " conv4 b2: " in line]
+    assert order == [["before", "1"], ["after", "1"], ["before", "2"], ["after", "2"]]
+    assert json.loads((out / "before_2.json").read_text())["backbones"]["conv4"]["2"]["ratio"] > 0
+    after = subprocess.run(["git", "-C", str(repo), "worktree", "list"], capture_output=True, text=True).stdout
+    assert after == worktrees  # the temporary worktree is gone
+    refused = tmp_path / "refused"
+    for args, message in [
+        (["no-such-commit", str(refused), "1"], "BEFORE 'no-such-commit' is not a commit"),
+        (["HEAD", str(refused), "0"], "RUNS must be a whole number >= 1, got '0'"),
+        (["HEAD", str(out), "1"], f"OUT_DIR {out} exists and is not empty"),
+    ]:
+        bad = subprocess.run([*script, *args, *tiny], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and message in bad.stderr
+    assert not refused.exists()
 
 
 def test_acdc_overhead_scope_layer_gives_every_conv_its_own_coefficients(tmp_path: Path) -> None:

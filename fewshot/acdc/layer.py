@@ -695,10 +695,10 @@ class ACDCConv2d(nn.Module):
         values instead of the ``c_out·c_in·kh·kw`` kernel; it is taken when that is at most half the
         kernel: the deepest layers on small batches (a MAML support set), where building and
         differentiating the kernel costs more than the convolution itself. Measured per layer
-        (``python benchmarks/acdc_overhead.py --per-layer``, 2026-12-04, against dense): at 0.078 of the
-        kernel (ResNet's last stage at batch 5) two-stage 0.93x and 1.13x against kernel 1.35x and 1.66x;
-        at 0.391 (that stage at batch 25) 0.90x and 1.16x against 1.19x and 1.26x; at 0.625 (the third
-        stage at batch 5) the kernel form wins, 1.27x and 1.28x against 1.42x and 1.54x. Plain layers only,
+        (``python benchmarks/acdc_overhead.py --per-layer``, 2026-12-04, 4d24ac8, against dense): at 0.078
+        of the kernel (ResNet's last stage at batch 5) two-stage 0.86x and 1.08x against kernel 1.31x and
+        1.63x; at 0.391 (that stage at batch 25) 0.87x and 1.13x against 1.17x and 1.19x; at 0.625 (the
+        third stage at batch 5) the kernel form wins, 1.25x and 1.29x against 1.36x and 1.54x. Plain layers only,
         and not under ``torch.func.vmap`` (not measured there).
         """
         if self.grouped or x.dim() != 4 or self.evaluation == "kernel":
