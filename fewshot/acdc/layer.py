@@ -253,11 +253,12 @@ class CoefficientCorners:
     """
 
     # Below this many elements in ``A`` the convs slice it: autograd's full-size gradient per reader then
-    # costs about what the cut's own overhead does, or less. A MAML meta-step sliced against cut
-    # (benchmarks/corner_cut.py, medians of 7 rounds): 0.88x for the main job's Conv4 (A of 16,384
-    # elements), 1.07x and 0.97x for the depth sweep's ResNet10 and ResNet18 (262,144), 1.05x for Chen et
-    # al.'s ResNet10 (2,097,152).
-    min_elements: int = 1 << 20
+    # costs less than the cut's own overhead. A MAML meta-step sliced against cut (benchmarks/corner_cut.py,
+    # medians of 7 rounds, 2026-12-04 with the layers' products adding into the sum): 0.90x for the main
+    # job's Conv4 (A of 16,384 elements), 1.01x and 1.03x for the depth sweep's ResNet10 and ResNet18
+    # (262,144), 1.07x for Chen et al.'s ResNet10 (2,097,152). (Before that, 0.97x for the sweep's
+    # ResNet18: 2^20 then.)
+    min_elements: int = 1 << 18
 
     def __init__(self, readers: dict[tuple[int, int], int] | None = None) -> None:
         self._readers: dict[tuple[int, int], int] = dict(readers or {})  # corner shape -> convs reading it
