@@ -443,5 +443,5 @@ def _validate(
     val, evaluation_seconds = run.validate(val_episodes, step, seconds, device)
     if job is not None:
         job.note_evaluation(evaluation_seconds, len(val_episodes))
-    record.update(val_acc=round(val.mean, 4), val_ci95=round(val.ci95, 4), val_seconds=round(evaluation_seconds, 2))
+    record.update(val_acc=round(val.mean, 4), val_ci95=round(val.ci95, 4), val_seconds=round(evaluation_seconds, 3))
     bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.1f}", val=f"{val.mean:.1f}")
