@@ -88,20 +88,6 @@ def _summable(grad: Tensor) -> bool:
     )
 
 
-class _GradientOnly(torch.autograd.Function):
-    """The identity (a view of its input); subclasses act on the gradient in their backward only."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        pass
-
-
 class _CutCorners(torch.autograd.Function):
     """The leading corners ``a[:rows, :cols]`` of ``shapes`` (largest first), cut at once: the full-size
     one sharing ``a``'s storage, the others as contiguous copies. Backward returns one tensor of ``a``'s
@@ -408,8 +394,19 @@ def init_atoms_(atoms: Tensor) -> Tensor:
     return atoms
 
 
-class _ContiguousGrad(_GradientOnly):
-    """The identity whose backward makes the incoming gradient contiguous (vmap- and twice-differentiable)."""
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity (a view of its input) whose backward makes the incoming gradient contiguous (vmap- and
+    twice-differentiable)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        pass
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
