@@ -403,3 +403,24 @@ def test_a_backward_that_skips_the_coefficients_leaves_no_partial_sum() -> None:
     assert len(seen) == 2 and all((g - want).abs().max().item() <= 1e-12 for g in seen)
     assert (coefficients(model).grad - 2 * want).abs().max().item() <= 1e-12
     assert cut.sums == {}
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("evaluation", ["kernel", "two-stage"])
+def test_checkpointed_convs_add_into_the_sum_of_their_own_backward(evaluation: str, reentrant: bool) -> None:
+    """torch.utils.checkpoint reruns two convs within the backward (the reentrant kind in a backward of its
+    own): their products' gradients reach A all the same, and no sum is left behind."""
+    from torch.utils.checkpoint import checkpoint
+
+    def forward(model: Stack) -> torch.Tensor:
+        h = X
+        for i, conv in enumerate(model.convs):
+            h = torch.tanh(checkpoint(conv, h, use_reentrant=reentrant) if i in (2, 5) else conv(h))
+        return h.square().sum()
+
+    model, reference = stack(evaluation), stack(evaluation, plain=True)
+    model(X)
+    forward(model).backward()
+    forward(reference).backward()
+    assert (coefficients(model).grad - coefficients(reference).grad).abs().max().item() <= 1e-12
+    assert all(cut.sums == {} for cut in model.convs[0].shared.corners._cut.values())
