@@ -168,9 +168,11 @@ class _Cut:
     here) and those taken (held by weak reference: the graph of the pass that took them keeps them).
 
     A shape may be cut several times (the full-size one, once per conv that reads all of ``A``), so that
-    each reader's gradient reaches the backward of :class:`_CutCorners` on its own and is added there in
-    place, instead of autograd summing them into a new full-size tensor first. The readers are counted
-    per cut: passes that share one (their graphs alive together) give each of their readers an alias.
+    where the readers' products hand back their gradient instead of adding it into the sum (a double
+    backward, ``torch.func`` transforms: :class:`_CornerProduct`) each reaches the backward of
+    :class:`_CutCorners` on its own and is added there in place, instead of autograd summing them into a
+    new full-size tensor first. The readers are counted per cut: passes that share one (their graphs alive
+    together) give each of their readers an alias.
     """
 
     def __init__(self, a: Tensor, version: int, shapes: tuple[tuple[int, int], ...]) -> None:
@@ -655,11 +657,11 @@ class ACDCConv2d(nn.Module):
         ``atom_mask`` (shape ``atoms.shape[:-2]``) multiplies the atoms; None means no atom-drop.
         """
         d = self.atoms if atom_mask is None else self.atoms * atom_mask[..., None, None]
-        rows, cols = self.coefficient_shape
         if self.group_size is None:
             # K as a (c_out*c_in, m) @ (m, kh*kw) product: the (o, i, h, w) layout the conv wants. (One
             # product: two rows at a time on a block-diagonal pair of atoms is slower,
             # benchmarks/tall_matmul.py.)
+            rows, cols = self.coefficient_shape
             m = d.shape[0]
             rebuilt = self._coefficient_product((rows * cols, m), d.reshape(m, -1))
             return rebuilt.view(rows, cols, *self.kernel_size)
@@ -696,8 +698,8 @@ class ACDCConv2d(nn.Module):
         (``python benchmarks/acdc_overhead.py --per-layer``, 2026-12-04, 4d24ac8, against dense): at 0.078
         of the kernel (ResNet's last stage at batch 5) two-stage 0.86x and 1.08x against kernel 1.31x and
         1.63x; at 0.391 (that stage at batch 25) 0.87x and 1.13x against 1.17x and 1.19x; at 0.625 (the
-        third stage at batch 5) the kernel form wins, 1.25x and 1.29x against 1.36x and 1.54x. Plain layers only,
-        and not under ``torch.func.vmap`` (not measured there).
+        third stage at batch 5) the kernel form wins, 1.25x and 1.29x against 1.36x and 1.54x. Plain layers
+        only, and not under ``torch.func.vmap`` (not measured there).
         """
         if self.grouped or x.dim() != 4 or self.evaluation == "kernel":
             return False
